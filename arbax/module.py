@@ -1,0 +1,156 @@
+"""Module: a Pytree with the conveniences of a layer (sow, perturb, train/eval, iteration).
+
+    >>> import jax.numpy as jnp, arbax as nnx
+    >>> class Block(nnx.Module):
+    ...   def __init__(self):
+    ...     self.deterministic = False
+    ...   def __call__(self, x):
+    ...     self.sow(nnx.Intermediate, 'seen', x.sum())
+    ...     return x
+    >>> b = Block(); _ = b(jnp.ones(3)); b.eval()
+    >>> b.deterministic, b.seen[...]
+    (True, (Array(3., dtype=float32),))
+"""
+from __future__ import annotations
+
+import typing as tp
+
+import jax.numpy as jnp
+
+from arbax import filters as filterlib
+from arbax.pytree import Pytree, attributes
+from arbax.variables import Intermediate, Perturbation, Variable
+
+
+def _append(xs, x):
+  return (*xs, x)
+
+
+def _empty():
+  return ()
+
+
+class Module(Pytree):
+  """Base class of layers and models."""
+
+  def sow(self, variable_type: type[Variable] | str, name: str, value, *,
+          reduce_fn: tp.Callable = _append, init_fn: tp.Callable = _empty) -> bool:
+    """Record ``value`` in the ``variable_type`` Variable ``self.<name>`` (a tuple by default).
+
+    ``reduce_fn(previous, value)`` combines; ``init_fn()`` gives the first previous value.
+    """
+    if isinstance(variable_type, str):
+      variable_type = type(variable_type, (Variable,), {})
+    existing = self.__dict__.get(name)
+    if existing is None:
+      setattr(self, name, variable_type(reduce_fn(init_fn(), value)))
+    elif isinstance(existing, variable_type):
+      existing.set_value(reduce_fn(existing.get_value(), value))
+    else:
+      raise ValueError(f'sow: attribute {name!r} of {type(self).__name__} holds a '
+                       f'{type(existing).__name__}, not a {variable_type.__name__}. Pick another name.')
+    return True
+
+  def perturb(self, name: str, value, variable_type: type[Variable] = Perturbation):
+    """Add a zero ``variable_type`` Variable ``self.<name>`` to ``value``.
+
+    Its gradient is the gradient with respect to this intermediate ``value``.
+    """
+    if name not in self.__dict__:
+      setattr(self, name, variable_type(jnp.zeros_like(value)))
+    return value + self.__dict__[name].get_value()
+
+  def iter_modules(self) -> tp.Iterator[tuple[tuple, 'Module']]:
+    """``(path, module)`` for every Module under this one (itself last, with path ``()``)."""
+    seen: set = set()
+
+    def visit(node, path):
+      if id(node) in seen:
+        return
+      seen.add(id(node))
+      for key, child in _children(node):
+        yield from visit(child, path + (key,))
+      if isinstance(node, Module):
+        yield path, node
+
+    yield from visit(self, ())
+
+  def iter_children(self) -> tp.Iterator[tuple[tp.Any, 'Module']]:
+    """``(name, module)`` for each direct child Module."""
+    for key, child in _children(self):
+      if isinstance(child, Module):
+        yield key, child
+
+  def set_attributes(self, *filters, raise_if_not_found: bool = True, **attrs) -> None:
+    """Set ``attrs`` on every sub-Module (matching ``filters``, if given) that already has them."""
+    predicate = filterlib.to_predicate(list(filters)) if filters else None
+    remaining = set(attrs)
+    for path, module in self.iter_modules():
+      if predicate is not None and not predicate(path, module):
+        continue
+      for name, value in attrs.items():
+        if hasattr(module, name):
+          setattr(module, name, value)
+          remaining.discard(name)
+    if remaining and raise_if_not_found:
+      raise ValueError(f'set_attributes: no sub-Module of {type(self).__name__} has the '
+                       f'attribute(s) {sorted(remaining)}. Pass raise_if_not_found=False to ignore.')
+
+  def train(self, **attrs) -> None:
+    """Training behaviour: Dropout active, BatchNorm uses batch statistics."""
+    self.set_attributes(deterministic=False, use_running_average=False,
+                        raise_if_not_found=False, **attrs)
+
+  def eval(self, **attrs) -> None:
+    """Evaluation behaviour: Dropout off, BatchNorm uses its running averages."""
+    self.set_attributes(deterministic=True, use_running_average=True,
+                        raise_if_not_found=False, **attrs)
+
+  def view(self, **attrs) -> 'Module':
+    """A structural copy sharing this Module's Variables, with ``attrs`` set where present."""
+    from arbax.api import merge, split
+    graphdef, state = split(self, graph=True)
+    copy = merge(graphdef, state)
+    copy.set_attributes(raise_if_not_found=False, **attrs)
+    return copy
+
+
+def _children(node):
+  if isinstance(node, Pytree):
+    for key, value, is_data in attributes(node):
+      if not is_data:
+        continue
+      if isinstance(value, Pytree):
+        yield key, value
+      elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+          if isinstance(item, Pytree):
+            yield (key, i), item
+      elif isinstance(value, dict):
+        for k, item in value.items():
+          if isinstance(item, Pytree):
+            yield (key, k), item
+
+
+def iter_modules(module: Module):
+  return module.iter_modules()
+
+
+def iter_children(module: Module):
+  return module.iter_children()
+
+
+class Sequential(Module):
+  """Calls its layers in order: ``nnx.Sequential(nnx.Linear(2, 4, rngs=rngs), nnx.relu)``."""
+
+  def __init__(self, *fns: tp.Callable):
+    from arbax.pytree import List
+    self.layers = List(fns)
+
+  def __call__(self, *args, rngs=None, **kwargs):
+    out = args
+    for i, f in enumerate(self.layers):
+      out = f(*out, **kwargs) if i == 0 else f(out)
+      if i == 0:
+        kwargs = {}
+    return out if self.layers else (args[0] if len(args) == 1 else args)

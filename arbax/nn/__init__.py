@@ -1,0 +1,1 @@
+"""The layer library (``nnx.Linear``, ``nnx.Conv``, ...)."""

@@ -1,0 +1,15 @@
+"""Activation functions under their NNX names (the ``jax.nn`` implementations)."""
+import jax
+import jax.numpy as jnp
+
+from jax.nn import (celu, elu, gelu, glu, hard_sigmoid, hard_silu, hard_swish, hard_tanh,  # noqa: F401
+                    leaky_relu, log_sigmoid, log_softmax, logsumexp, one_hot, relu, relu6, selu,
+                    sigmoid, silu, soft_sign, softmax, softplus, standardize, swish, sparse_plus,
+                    sparse_sigmoid, squareplus, mish, identity)
+
+tanh = jnp.tanh
+
+__all__ = ['celu', 'elu', 'gelu', 'glu', 'hard_sigmoid', 'hard_silu', 'hard_swish', 'hard_tanh',
+           'leaky_relu', 'log_sigmoid', 'log_softmax', 'logsumexp', 'one_hot', 'relu', 'relu6',
+           'selu', 'sigmoid', 'silu', 'soft_sign', 'softmax', 'softplus', 'standardize', 'swish',
+           'sparse_plus', 'sparse_sigmoid', 'squareplus', 'mish', 'identity', 'tanh']

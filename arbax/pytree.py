@@ -1,0 +1,508 @@
+"""Pytree: Python objects whose attributes define a JAX pytree.
+
+    >>> import jax, jax.numpy as jnp, arbax as nnx
+    >>> class Scale(nnx.Pytree):
+    ...   def __init__(self, n):
+    ...     self.n = n                       # int: static, part of the treedef
+    ...     self.w = nnx.Param(jnp.ones(n))  # Variable: data, a leaf
+    >>> s = jax.tree.map(lambda x: x * 2, Scale(3))
+    >>> type(s).__name__, s.n, s.w[...].tolist()
+    ('Scale', 3, [2.0, 2.0, 2.0])
+
+Attributes are classified when set: Variables, arrays and nested Pytrees (and
+lists, tuples and dicts that hold them) are *data*; everything else is
+*static*. ``nnx.data(...)`` / ``nnx.static(...)`` force the class.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing as tp
+
+import jax
+import numpy as np
+
+from arbax import _settings
+from arbax.variables import Variable, _hashable
+
+_KIND = 'arbax_kind'  # key in dataclasses.Field.metadata
+_MISSING = object()
+
+
+# -- data / static markers ----------------------------------------------------
+class _Marked:
+  __slots__ = ('value',)
+
+  def __init__(self, value):
+    self.value = value
+
+
+class _DataValue(_Marked):
+  pass
+
+
+class _StaticValue(_Marked):
+  pass
+
+
+def data(value: tp.Any = _MISSING, /, **field_kwargs):
+  """Mark an attribute as data.
+
+  ``self.xs = nnx.data([1, 2])`` on assignment, or ``xs: list = nnx.data()`` as a
+  class annotation / dataclass field.
+  """
+  if value is _MISSING:
+    return dataclasses.field(metadata={_KIND: True}, **field_kwargs)
+  return _DataValue(value)
+
+
+def static(value: tp.Any = _MISSING, /, **field_kwargs):
+  """Mark an attribute as static (part of the tree definition, never traced)."""
+  if value is _MISSING:
+    return dataclasses.field(metadata={_KIND: False}, **field_kwargs)
+  return _StaticValue(value)
+
+
+def is_data(value) -> bool:
+  """Whether a value is data (a leaf or holds leaves) when set without a marker."""
+  if isinstance(value, (Variable, Pytree, jax.Array, np.ndarray)):
+    return True
+  if isinstance(value, (list, tuple)):
+    return any(is_data(v) for v in value)
+  if isinstance(value, dict):
+    return any(is_data(v) for v in value.values())
+  if isinstance(value, (int, float, complex, str, bytes, type(None), np.generic, type)) or callable(value):
+    return isinstance(value, np.generic)
+  # Other registered pytrees (NamedTuples, optax states, ...): data if they hold arrays.
+  leaves = jax.tree_util.tree_leaves(value, is_leaf=lambda x: isinstance(x, (Variable, Pytree)))
+  if len(leaves) == 1 and leaves[0] is value:
+    return False
+  return any(is_data(leaf) for leaf in leaves)
+
+
+def _find_data(value, path=''):
+  """Path (relative) of the first data value inside ``value``, or None."""
+  if isinstance(value, (Variable, Pytree, jax.Array, np.ndarray)):
+    return path or '<the value itself>'
+  if isinstance(value, (list, tuple)):
+    for i, v in enumerate(value):
+      found = _find_data(v, f'{path}[{i}]')
+      if found:
+        return found
+  if isinstance(value, dict):
+    for k, v in value.items():
+      found = _find_data(v, f'{path}[{k!r}]')
+      if found:
+        return found
+  return None
+
+
+# -- the static part of a node ------------------------------------------------
+class PytreeAux:
+  """What a Pytree node contributes to a treedef: its data keys and static attributes.
+
+  Equal structures compare equal (so ``jax.jit`` caches hit); the hash is
+  computed once.
+  """
+
+  __slots__ = ('data_keys', 'static', 'order', '_hash')
+
+  def __init__(self, data_keys: tuple, static: tuple, order: tuple):
+    self.data_keys = data_keys
+    self.static = static      # ((name, value), ...) in insertion order
+    self.order = order        # every attribute name, insertion order (for repr)
+    self._hash = None
+
+  def __hash__(self):
+    if self._hash is None:
+      self._hash = hash((self.data_keys, _hashable(self.static)))
+    return self._hash
+
+  def __eq__(self, other):
+    if self is other:
+      return True
+    if not isinstance(other, PytreeAux):
+      return NotImplemented
+    if self.data_keys != other.data_keys or len(self.static) != len(other.static):
+      return False
+    try:
+      return all(a[0] == b[0] and (a[1] is b[1] or bool(a[1] == b[1]))
+                 for a, b in zip(self.static, other.static))
+    except Exception:
+      return False
+
+  def __repr__(self):
+    return f'PytreeAux(data={self.data_keys}, static={dict(self.static)})'
+
+
+def _sort_key(k):
+  return (isinstance(k, str), k)
+
+
+def node_parts(obj: 'Pytree') -> tuple[tuple, PytreeAux]:
+  """(data keys in pytree order, aux) of a Pytree, computed once per structure change."""
+  d = obj.__dict__
+  cached = d.get('_arbax_cache')
+  if cached is not None:
+    return cached
+  kinds = d['_arbax_kinds']
+  order = tuple(k for k in d if k in kinds)
+  data_keys = tuple(sorted((k for k in order if kinds[k]), key=_sort_key))
+  static = tuple((k, d[k]) for k in order if not kinds[k])
+  cached = (data_keys, PytreeAux(data_keys, static, order))
+  d['_arbax_cache'] = cached
+  return cached
+
+
+def _key_entry(cls, k):
+  if isinstance(k, int):
+    return jax.tree_util.SequenceKey(k)
+  if cls._arbax_dict_keys:
+    return jax.tree_util.DictKey(k)
+  return jax.tree_util.GetAttrKey(k)
+
+
+def _flatten(obj):
+  keys, aux = node_parts(obj)
+  d = obj.__dict__
+  return [d[k] for k in keys], aux
+
+
+def _make_flatten_with_keys(cls):
+  def flatten_with_keys(obj):
+    keys, aux = node_parts(obj)
+    d = obj.__dict__
+    return [(_key_entry(cls, k), d[k]) for k in keys], aux
+  return flatten_with_keys
+
+
+def new_node(cls, aux: PytreeAux, children) -> 'Pytree':
+  """Build a Pytree of class ``cls`` from its aux and data children, without calling ``__init__``."""
+  obj = object.__new__(cls)
+  d = obj.__dict__
+  values = dict(aux.static)
+  values.update(zip(aux.data_keys, children))
+  kinds = {k: False for k, _ in aux.static}
+  kinds.update((k, True) for k in aux.data_keys)
+  d['_arbax_kinds'] = kinds
+  for k in aux.order:
+    d[k] = values[k]
+  d['_arbax_cache'] = (aux.data_keys, aux)
+  obj._arbax_after_unflatten()
+  return obj
+
+
+class Pytree:
+  """Base class of objects that are JAX pytrees; see the module docstring."""
+
+  _arbax_declared: tp.ClassVar[dict] = {}
+  _arbax_dict_keys: tp.ClassVar[bool] = False
+  _arbax_pytree: tp.ClassVar[bool] = True
+
+  def __init_subclass__(cls, pytree: bool = True, **kwargs):
+    super().__init_subclass__(**kwargs)
+    declared = {}
+    for base in reversed(cls.__mro__[1:]):
+      declared.update(getattr(base, '_arbax_declared', {}))
+    for name, value in list(vars(cls).items()):
+      if isinstance(value, dataclasses.Field) and _KIND in value.metadata:
+        declared[name] = value.metadata[_KIND]
+    for name, annotation in vars(cls).get('__annotations__', {}).items():
+      if name in declared or name.startswith('_'):
+        continue
+      kind = _annotation_kind(annotation)
+      if kind is not None:
+        declared[name] = kind
+    cls._arbax_declared = declared
+    cls._arbax_pytree = pytree
+    if pytree:
+      jax.tree_util.register_pytree_with_keys(
+          cls, _make_flatten_with_keys(cls),
+          lambda aux, children: new_node(cls, aux, children), _flatten)
+
+  def __new__(cls, *args, **kwargs):
+    obj = object.__new__(cls)
+    d = obj.__dict__
+    d['_arbax_kinds'] = {}
+    d['_arbax_cache'] = None
+    return obj
+
+  def _arbax_after_unflatten(self):
+    """Hook for subclasses whose state lives outside ``__dict__``."""
+
+  # -- attribute classification --
+  def __setattr__(self, name: str, value: tp.Any):
+    if name.startswith('_arbax_'):
+      object.__setattr__(self, name, value)
+      return
+    d = self.__dict__
+    kinds = d['_arbax_kinds']
+    explicit = None
+    if isinstance(value, _DataValue):
+      value, explicit = value.value, True
+    elif isinstance(value, _StaticValue):
+      value, explicit = value.value, False
+    elif name in type(self)._arbax_declared:
+      explicit = type(self)._arbax_declared[name]
+    if explicit is None:
+      kind = is_data(value)
+      if kind:
+        value = _as_tracked_container(value)
+    elif explicit:
+      kind = True
+    else:
+      found = _find_data(value)
+      if found:
+        raise ValueError(
+            f'Found data ({found}) in the value assigned to static attribute {name!r} of '
+            f'{type(self).__name__}. Static attributes are part of the tree definition and '
+            f'would lose it. Assign it with `self.{name} = nnx.data(...)`, or drop the '
+            f'nnx.static marker / annotation.')
+      kind = False
+    if isinstance(getattr(type(self), name, None), property):
+      object.__setattr__(self, name, value)
+      return
+    d[name] = value
+    if kinds.get(name) is not kind:
+      kinds[name] = kind
+    d['_arbax_cache'] = None
+    if d.get('_arbax_seen'):
+      _settings.bump_epoch()
+
+  def __delattr__(self, name: str):
+    d = self.__dict__
+    del d[name]
+    d['_arbax_kinds'].pop(name, None)
+    d['_arbax_cache'] = None
+    if d.get('_arbax_seen'):
+      _settings.bump_epoch()
+
+  def __getstate__(self):
+    return {k: v for k, v in self.__dict__.items() if k not in ('_arbax_cache', '_arbax_seen')}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self.__dict__['_arbax_cache'] = None
+
+  def __repr__(self):
+    from arbax.display import object_repr
+    return object_repr(self)
+
+  def __treescope_repr__(self, path, subtree_renderer):
+    from arbax.display import treescope_repr
+    return treescope_repr(self, path, subtree_renderer)
+
+
+def _annotation_kind(annotation):
+  if isinstance(annotation, str):
+    return None
+  origin = tp.get_origin(annotation) or annotation
+  if isinstance(origin, type) and issubclass(origin, (Variable, Pytree)):
+    return True
+  if origin is jax.Array:
+    return True
+  return None
+
+
+def attributes(obj: Pytree) -> list[tuple[tp.Any, tp.Any, bool]]:
+  """``[(name, value, is_data)]`` in insertion order, internal fields excluded."""
+  d = obj.__dict__
+  kinds = d['_arbax_kinds']
+  return [(k, d[k], kinds[k]) for k in d if k in kinds]
+
+
+# -- containers ---------------------------------------------------------------
+class List(Pytree):
+  """A list that is a Pytree: items are keyed ``[0]``, ``[1]``, ... in paths.
+
+  Lists assigned to a Pytree attribute that hold data become ``nnx.List``
+  automatically, so their mutations are seen by the transforms' caches.
+  """
+
+  def __init__(self, items: tp.Iterable = ()):
+    for item in items:
+      self.append(item)
+
+  def __len__(self):
+    return sum(1 for k in self.__dict__['_arbax_kinds'] if isinstance(k, int))
+
+  def _index(self, i: int) -> int:
+    n = len(self)
+    if i < 0:
+      i += n
+    if not 0 <= i < n:
+      raise IndexError(f'nnx.List index {i} out of range for length {n}')
+    return i
+
+  def __getitem__(self, i):
+    if isinstance(i, slice):
+      return [self.__dict__[j] for j in range(len(self))[i]]
+    return self.__dict__[self._index(i)]
+
+  def __setitem__(self, i, value):
+    if isinstance(i, slice):
+      items = list(self)
+      items[i] = value
+      self._reset(items)
+      return
+    self._set_item(self._index(i), value)
+
+  def __delitem__(self, i):
+    items = list(self)
+    del items[i]
+    self._reset(items)
+
+  def _set_item(self, i: int, value):
+    d = self.__dict__
+    kind = is_data(value)
+    if kind:
+      value = _as_tracked_container(value)
+    d[i] = value
+    d['_arbax_kinds'][i] = kind
+    d['_arbax_cache'] = None
+    if d.get('_arbax_seen'):
+      _settings.bump_epoch()
+
+  def _reset(self, items):
+    d = self.__dict__
+    for k in [k for k in d if isinstance(k, int)]:
+      del d[k]
+      d['_arbax_kinds'].pop(k, None)
+    for i, item in enumerate(items):
+      self._set_item(i, item)
+    d['_arbax_cache'] = None
+
+  def append(self, value):
+    self._set_item(len(self), value)
+
+  def extend(self, values):
+    for v in values:
+      self.append(v)
+
+  def insert(self, i, value):
+    items = list(self)
+    items.insert(i, value)
+    self._reset(items)
+
+  def pop(self, i=-1):
+    items = list(self)
+    value = items.pop(i)
+    self._reset(items)
+    return value
+
+  def __iter__(self):
+    d = self.__dict__
+    return (d[i] for i in range(len(self)))
+
+  def __reversed__(self):
+    return reversed(list(self))
+
+  def __contains__(self, value):
+    return any(v is value or v == value for v in self)
+
+  def index(self, value):
+    return list(self).index(value)
+
+  def __eq__(self, other):
+    if isinstance(other, (List, list)):
+      return list(self) == list(other)
+    return NotImplemented
+
+  __hash__ = object.__hash__
+
+  def __add__(self, other):
+    return List(list(self) + list(other))
+
+
+class Dict(Pytree):
+  """A dict that is a Pytree: keys appear as ``['key']`` in paths; also readable as attributes."""
+
+  _arbax_dict_keys = True
+
+  def __init__(self, *args, **kwargs):
+    for k, v in dict(*args, **kwargs).items():
+      self[k] = v
+
+  def __getitem__(self, key):
+    d = self.__dict__
+    if key in d['_arbax_kinds']:
+      return d[key]
+    raise KeyError(key)
+
+  def __setitem__(self, key, value):
+    Pytree.__setattr__(self, key, value)
+
+  def __delitem__(self, key):
+    if key not in self.__dict__['_arbax_kinds']:
+      raise KeyError(key)
+    Pytree.__delattr__(self, key)
+
+  def __getattr__(self, name):
+    raise AttributeError(f'nnx.Dict has no key {name!r}')
+
+  def __iter__(self):
+    return iter(list(self.__dict__['_arbax_kinds']))
+
+  def __len__(self):
+    return len(self.__dict__['_arbax_kinds'])
+
+  def __contains__(self, key):
+    return key in self.__dict__['_arbax_kinds']
+
+  def keys(self):
+    return list(self)
+
+  def values(self):
+    d = self.__dict__
+    return [d[k] for k in self]
+
+  def items(self):
+    d = self.__dict__
+    return [(k, d[k]) for k in self]
+
+  def get(self, key, default=None):
+    return self[key] if key in self else default
+
+  def pop(self, key, *default):
+    if key in self:
+      value = self[key]
+      del self[key]
+      return value
+    if default:
+      return default[0]
+    raise KeyError(key)
+
+  def update(self, *args, **kwargs):
+    for k, v in dict(*args, **kwargs).items():
+      self[k] = v
+
+  def __eq__(self, other):
+    if isinstance(other, (Dict, dict)):
+      return dict(self.items()) == dict(other.items())
+    return NotImplemented
+
+  __hash__ = object.__hash__
+
+
+def _as_tracked_container(value):
+  """Lists and dicts that hold data become nnx.List / nnx.Dict, so mutations are tracked."""
+  if type(value) is list:
+    return List(value)
+  if type(value) is dict and all(isinstance(k, str) for k in value):
+    return Dict(value)
+  return value
+
+
+def dataclass(cls=None, /, **kwargs):
+  """``@nnx.dataclass``: a dataclass whose fields are Pytree attributes.
+
+  Fields annotated with a Variable, Pytree or ``jax.Array`` type are data;
+  ``nnx.data()`` / ``nnx.static()`` as a field's default force the class;
+  others are classified by value.
+  """
+  kwargs.setdefault('eq', False)
+  kwargs.setdefault('repr', False)
+
+  def wrap(c):
+    return dataclasses.dataclass(c, **kwargs)
+
+  return wrap if cls is None else wrap(cls)

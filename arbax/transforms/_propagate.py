@@ -1,0 +1,313 @@
+"""The one mechanism every NNX transform shares: Variables in -> updates out -> write back.
+
+A call of a transformed function goes through three steps:
+
+1. ``ArgPlan`` splits the arguments into *graph* arguments (those holding
+   Pytrees or Variables), flattened together into one GraphDef plus a flat list
+   of leaves, and *plain* arguments (arrays, pytrees of arrays) that JAX sees
+   unchanged. The plan is cached by the identity of the graph arguments and
+   the structure epoch, so a steady training loop skips the walk entirely.
+2. Inside the JAX transform, ``rebuild`` makes fresh objects around the traced
+   leaves, the user function runs, and ``collect_updates`` finds the Variables
+   whose value is no longer the input tracer.
+3. After the JAX call returned, ``Plan.write_back`` assigns only the changed
+   Variables. Nothing is written when anything raised: a failed call leaves
+   the caller's state as it was.
+"""
+from __future__ import annotations
+
+import typing as tp
+
+import jax
+import numpy as np
+
+from arbax import _settings
+from arbax.graph import (GraphDef, LEAF_DEF, flatten, unflatten, STATIC, LEAF, ARRAY_TYPES)
+from arbax.pytree import Pytree
+from arbax.variables import Variable
+
+_set = object.__setattr__
+
+# Argument kinds in a plan.
+PLAIN, GRAPH, STATIC_ARG = 0, 1, 2
+_PLAIN_TYPES = frozenset({int, float, bool, complex, np.ndarray, type(None)})
+
+
+def _is_plain_fast(x) -> bool:
+  t = type(x)
+  return t in _PLAIN_TYPES or isinstance(x, jax.Array) and not isinstance(x, Variable)
+
+
+def holds_graph(x) -> bool:
+  """Whether ``x`` holds any Pytree or Variable (so it needs the graph treatment)."""
+  if isinstance(x, (Variable, Pytree)):
+    return True
+  if _is_plain_fast(x):
+    return False
+  if isinstance(x, (list, tuple)):
+    return any(holds_graph(v) for v in x)
+  if isinstance(x, dict):
+    return any(holds_graph(v) for v in x.values())
+  leaves = jax.tree_util.tree_leaves(x, is_leaf=lambda y: isinstance(y, (Variable, Pytree)))
+  return any(isinstance(leaf, (Variable, Pytree)) for leaf in leaves)
+
+
+class CallKey:
+  """The static part of a call: GraphDef of the graph arguments and where each argument sits.
+
+  Hashes once; compared by identity first, so a cached plan costs nothing to look up in
+  JAX's own cache.
+  """
+
+  __slots__ = ('graphdef', 'kinds', 'kw_names', 'group_sizes', 'statics', 'extra', '_hash')
+
+  def __init__(self, graphdef: GraphDef, kinds: tuple, kw_names: tuple, group_sizes: tuple,
+               statics: tuple, extra: tp.Any = None):
+    self.graphdef = graphdef
+    self.kinds = kinds
+    self.kw_names = kw_names
+    self.group_sizes = group_sizes
+    self.statics = statics
+    self.extra = extra
+    self._hash = hash((graphdef, kinds, kw_names, group_sizes, statics, extra))
+
+  def __hash__(self):
+    return self._hash
+
+  def __eq__(self, other):
+    return self is other or (
+        isinstance(other, CallKey) and self._hash == other._hash
+        and self.graphdef == other.graphdef and self.kinds == other.kinds
+        and self.kw_names == other.kw_names and self.group_sizes == other.group_sizes
+        and self.statics == other.statics and self.extra == other.extra)
+
+
+class Plan:
+  """How one call's arguments map to leaves; reused while the graph arguments are unchanged."""
+
+  __slots__ = ('key', 'epoch', 'graph_objs', 'items', 'groups', 'kinds', 'variables')
+
+  def __init__(self, key, epoch, graph_objs, items, groups, kinds):
+    self.key = key
+    self.epoch = epoch
+    self.graph_objs = graph_objs   # ((position, object), ...) checked by identity
+    self.items = items             # Variables and raw arrays of the graph args, in leaf order
+    self.groups = groups           # per graph argument: (start, stop) into items
+    self.kinds = kinds             # per argument position: PLAIN / GRAPH / STATIC_ARG
+    self.variables = [x for x in items if isinstance(x, Variable)]
+
+  def leaves(self) -> list:
+    return [x._value if isinstance(x, Variable) else x for x in self.items]
+
+  def write_back(self, changed: tuple, values) -> None:
+    items = self.items
+    for i, value in zip(changed, values):
+      _set(items[i], '_value', value)
+
+
+def _positions(args, kwargs):
+  """Every argument with its position key: ints for positional, names for keyword (sorted)."""
+  out = list(enumerate(args))
+  out.extend((name, kwargs[name]) for name in sorted(kwargs))
+  return out
+
+
+def make_plan(args: tuple, kwargs: dict, *, graph: bool, static_positions: frozenset = frozenset(),
+              context: str = 'tree-mode transform', extra: tp.Any = None) -> Plan:
+  """Walk the arguments once: classify them and flatten the graph ones together."""
+  entries = _positions(args, kwargs)
+  kinds = []
+  statics = []
+  graph_args = ([None] * len(args), {})
+  graph_objs = []
+  for pos, value in entries:
+    if pos in static_positions:
+      kinds.append(STATIC_ARG)
+      statics.append((pos, value))
+    elif holds_graph(value):
+      kinds.append(GRAPH)
+      if isinstance(pos, int):
+        graph_args[0][pos] = value
+      else:
+        graph_args[1][pos] = value
+      graph_objs.append((pos, value))
+    else:
+      kinds.append(PLAIN)
+  fl = flatten((tuple(graph_args[0]), graph_args[1]), graph=graph, context=context, mark_seen=True)
+  # group boundaries: leaves are in traversal order, positional args first, then sorted kwargs
+  starts = {}
+  for i, path in enumerate(fl.paths):
+    top = path[1] if path[0] == 0 else path[1]
+    starts.setdefault((path[0], top), [i, i])[1] = i + 1
+  groups = []
+  for pos, value in graph_objs:
+    k = (0, pos) if isinstance(pos, int) else (1, pos)
+    groups.append(tuple(starts.get(k, (0, 0))))
+  key = CallKey(fl.graphdef, tuple(kinds), tuple(sorted(kwargs)), tuple(b - a for a, b in groups),
+                _hashable_statics(statics), extra)
+  identity = tuple((pos, value) for pos, value in graph_objs if isinstance(value, (Pytree, Variable)))
+  if len(identity) != len(graph_objs):
+    identity = None  # a container holding objects: re-walk every call
+  return Plan(key, _settings.EPOCH[0], identity, fl.leaves, groups, tuple(kinds))
+
+
+def _hashable_statics(statics):
+  try:
+    hash(tuple(statics))
+    return tuple(statics)
+  except TypeError as e:
+    raise ValueError(f'static arguments must be hashable: {e}') from None
+
+
+def plan_still_valid(plan: Plan | None, args: tuple, kwargs: dict) -> bool:
+  """The cheap per-call check that lets a steady loop reuse the last plan."""
+  if plan is None or plan.graph_objs is None or plan.epoch != _settings.EPOCH[0]:
+    return False
+  kinds = plan.kinds
+  if len(kinds) != len(args) + len(kwargs):
+    return False
+  if kwargs and tuple(sorted(kwargs)) != plan.key.kw_names:
+    return False
+  for pos, obj in plan.graph_objs:
+    current = args[pos] if isinstance(pos, int) else kwargs[pos]
+    if current is not obj:
+      return False
+  for i, kind in enumerate(kinds[:len(args)]):
+    if kind == PLAIN and not _is_plain_fast(args[i]) and holds_graph(args[i]):
+      return False
+    if kind == STATIC_ARG:
+      return False  # statics may change: let make_plan re-key
+  for name in plan.key.kw_names:
+    v = kwargs[name]
+    if not _is_plain_fast(v) and holds_graph(v) and not any(p == name for p, _ in plan.graph_objs):
+      return False
+  return True
+
+
+def split_inputs(plan: Plan, args: tuple, kwargs: dict) -> list:
+  """The dynamic inputs of the JAX call: one entry per non-static argument.
+
+  Graph arguments become their list of leaf values; plain ones pass unchanged.
+  """
+  leaves = plan.leaves()
+  groups = iter(plan.groups)
+  out = []
+  for (pos, value), kind in zip(_positions(args, kwargs), plan.kinds):
+    if kind == GRAPH:
+      a, b = next(groups)
+      out.append(leaves[a:b])
+    elif kind == PLAIN:
+      out.append(value)
+  return out
+
+
+def rebuild(key: CallKey, inputs: tp.Sequence) -> tuple[tuple, dict, list, list]:
+  """Inside the transform: objects around the traced leaves, and the arguments to call with.
+
+  Returns ``(args, kwargs, in_leaves, inner_items)`` where ``inner_items`` are the new
+  Variables / raw leaves in leaf order, to compare against ``in_leaves`` afterwards.
+  """
+  in_leaves = []
+  it = iter(inputs)
+  plain = []
+  for kind in key.kinds:
+    if kind == GRAPH:
+      in_leaves.extend(next(it))
+    elif kind == PLAIN:
+      plain.append(next(it))
+  nodes: list = []
+  graph_args, graph_kwargs = unflatten(key.graphdef, in_leaves, nodes=nodes)
+  inner_items = []
+  by_id = {}
+  for node in nodes:
+    if isinstance(node, Variable):
+      by_id[id(node)] = node
+  # leaves are consumed in order; Variables appear in `nodes` in that same order
+  var_iter = iter([n for n in nodes if isinstance(n, Variable)])
+  for leaf_def_is_var in _leaf_kinds(key.graphdef):
+    inner_items.append(next(var_iter) if leaf_def_is_var else None)
+  args = []
+  kwargs = {}
+  plain_it = iter(plain)
+  statics = dict(key.statics)
+  n_pos = len(key.kinds) - len(key.kw_names)
+  for i, kind in enumerate(key.kinds):
+    pos = i if i < n_pos else key.kw_names[i - n_pos]
+    if kind == GRAPH:
+      value = graph_args[pos] if isinstance(pos, int) else graph_kwargs[pos]
+    elif kind == PLAIN:
+      value = next(plain_it)
+    else:
+      value = statics[pos]
+    if isinstance(pos, int):
+      args.append(value)
+    else:
+      kwargs[pos] = value
+  return tuple(args), kwargs, in_leaves, inner_items
+
+
+_LEAF_KINDS_CACHE: dict = {}
+
+
+def _leaf_kinds(graphdef: GraphDef) -> tuple:
+  """For each leaf of ``graphdef``: whether it is a Variable (True) or a raw array (False)."""
+  cached = _LEAF_KINDS_CACHE.get(graphdef)
+  if cached is not None:
+    return cached
+  from arbax.graph import iter_defs, VAR
+  kinds = tuple(d[0] == VAR for _, d in iter_defs(graphdef.root) if d[0] in (VAR, LEAF))
+  _LEAF_KINDS_CACHE[graphdef] = kinds
+  return kinds
+
+
+def collect_updates(in_leaves: list, inner_items: list, *, keep: tp.Container[int] = ()):
+  """Indices and new values of the Variables whose value changed (plus those in ``keep``)."""
+  changed = []
+  values = []
+  for i, (before, var) in enumerate(zip(in_leaves, inner_items)):
+    if var is None:
+      continue
+    if var._value is not before or i in keep:
+      changed.append(i)
+      values.append(var._value)
+  return tuple(changed), values
+
+
+class Output:
+  """What the inner function returns: updates and the user's output, as one pytree.
+
+  Its static part (which Variables changed, the output's GraphDef) travels as
+  pytree aux data, so JAX stores it with each compiled executable.
+  """
+
+  __slots__ = ('changed', 'out_def', 'values', 'out_leaves')
+
+  def __init__(self, changed, out_def, values, out_leaves):
+    self.changed = changed
+    self.out_def = out_def
+    self.values = values
+    self.out_leaves = out_leaves
+
+
+jax.tree_util.register_pytree_node(
+    Output,
+    lambda o: ((o.values, o.out_leaves), (o.changed, o.out_def)),
+    lambda aux, children: Output(aux[0], aux[1], children[0], children[1]))
+
+
+def flatten_output(out, *, graph: bool) -> tuple[tp.Any, list]:
+  """The output as (def, leaf values): Variables and Pytrees come back as new objects."""
+  if isinstance(out, jax.Array) and not isinstance(out, Variable):
+    return LEAF_DEF, [out]
+  if out is None:
+    return (STATIC, None), []
+  fl = flatten(out, graph=graph, context='tree-mode transform output')
+  return fl.graphdef, [x._value if isinstance(x, Variable) else x for x in fl.leaves]
+
+
+def build_output(out_def, out_leaves):
+  if out_def is LEAF_DEF or out_def == LEAF_DEF:
+    return out_leaves[0]
+  if out_def[0] == STATIC if isinstance(out_def, tuple) else False:
+    return out_def[1]
+  return unflatten(out_def, out_leaves)
