@@ -14,7 +14,7 @@ $(VENV)/.installed-test: pyproject.toml | $(PY)
 	touch $@
 
 $(VENV)/.installed-demo: pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e .
+	$(PY) -m pip install --quiet -e '.[demo]'
 	touch $@
 
 demo: $(VENV)/.installed-demo
@@ -25,6 +25,8 @@ test: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-test
 	$(PY) benchmarks/overhead.py
+	$(PY) benchmarks/state_api.py
+	$(PY) benchmarks/pytree_flatten.py
 
 clean:
 	rm -rf $(VENV)

@@ -2,7 +2,7 @@
 
 This module only re-exports; each name lives in the file named in the README.
 """
-from arbax import errors, filters, graphlib  # noqa: F401
+from arbax import checkpoint, errors, filters, graphlib  # noqa: F401
 from arbax._settings import set_graph_mode, set_graph_updates  # noqa: F401
 from arbax.variables import (Variable, Param, BatchStat, Cache, Intermediate, Perturbation,  # noqa: F401
                              VarMeta, var_defaults)
@@ -20,5 +20,10 @@ from arbax.rngs import (Rngs, RngStream, RngState, RngKey, RngCount, split_rngs,
                         fork_rngs)
 from arbax.display import display, tabulate  # noqa: F401
 from arbax.errors import TraceContextError  # noqa: F401
-from arbax.nn.activations import *  # noqa: F401,F403
+from arbax.transforms import *  # noqa: F401,F403
 from arbax.transforms import jit, JitWrapped  # noqa: F401
+from arbax.nn import *  # noqa: F401,F403
+from arbax.nn import initializers  # noqa: F401
+from arbax.training import *  # noqa: F401,F403
+from arbax.training import metrics  # noqa: F401
+from arbax.hijax import *  # noqa: F401,F403

@@ -1,0 +1,3 @@
+"""(being written) hijax."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""(being written) attention."""
+
+__all__: list[str] = []

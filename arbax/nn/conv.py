@@ -1,0 +1,3 @@
+"""(being written) conv."""
+
+__all__: list[str] = []

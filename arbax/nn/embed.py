@@ -1,0 +1,3 @@
+"""(being written) embed."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""(being written) linear."""
+
+__all__: list[str] = []

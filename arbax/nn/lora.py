@@ -1,0 +1,3 @@
+"""(being written) lora."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""(being written) normalization."""
+
+__all__: list[str] = []

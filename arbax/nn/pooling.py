@@ -1,0 +1,3 @@
+"""(being written) pooling."""
+
+__all__: list[str] = []

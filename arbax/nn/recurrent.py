@@ -1,0 +1,3 @@
+"""(being written) recurrent."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""(being written) stochastic."""
+
+__all__: list[str] = []

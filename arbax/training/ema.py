@@ -1,0 +1,3 @@
+"""(being written) ema."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""(being written) metrics."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""(being written) optimizer."""
+
+__all__: list[str] = []

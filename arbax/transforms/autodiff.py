@@ -1,0 +1,3 @@
+"""(being written) autodiff."""
+
+__all__: list[str] = []

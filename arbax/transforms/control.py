@@ -1,0 +1,3 @@
+"""(being written) control."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""(being written) iteration."""
+
+__all__: list[str] = []

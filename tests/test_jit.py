@@ -1,0 +1,312 @@
+"""nnx.jit: state propagation, outputs, aliasing, transactions, caching."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import arbax as nnx
+
+
+class Count(nnx.Variable):
+  pass
+
+
+class Linear(nnx.Module):
+  def __init__(self, din, dout, *, rngs):
+    self.din, self.dout = din, dout
+    self.w = nnx.Param(rngs.uniform((din, dout)))
+    self.count = Count(jnp.array(0))
+
+  def __call__(self, x):
+    self.count[...] += 1
+    return x @ self.w
+
+
+def make():
+  return Linear(2, 3, rngs=nnx.Rngs(0))
+
+
+def test_updates_reach_the_caller():
+  model = make()
+
+  @nnx.jit
+  def forward(model, x):
+    return model(x)
+
+  y = forward(model, jnp.ones((4, 2)))
+  np.testing.assert_allclose(y, jnp.ones((4, 2)) @ model.w[...], rtol=1e-6)
+  forward(model, jnp.ones((4, 2)))
+  assert int(model.count[...]) == 2
+
+
+def test_variables_keep_their_identity():
+  model = make()
+  w, count = model.w, model.count
+
+  @nnx.jit
+  def step(model):
+    model.w[...] = model.w * 2
+    model(jnp.ones((1, 2)))
+
+  before = np.asarray(w[...])
+  step(model)
+  assert model.w is w and model.count is count
+  np.testing.assert_allclose(w[...], before * 2)
+  assert int(count[...]) == 1
+
+
+def test_decorator_with_arguments_and_bound_methods():
+  model = make()
+  fwd = nnx.jit(model.__call__)
+  fwd(jnp.ones((1, 2)))
+  assert int(model.count[...]) == 1
+
+  class Wrapper(nnx.Module):
+    def __init__(self):
+      self.inner = make()
+
+    @nnx.jit
+    def __call__(self, x):
+      return self.inner(x)
+
+  wrapper = Wrapper()
+  wrapper(jnp.ones((1, 2)))
+  wrapper(jnp.ones((1, 2)))
+  assert int(wrapper.inner.count[...]) == 2
+
+
+def test_objects_created_inside_come_back_as_objects():
+  @nnx.jit
+  def create(seed):
+    return Linear(2, 3, rngs=nnx.Rngs(seed))
+
+  model = create(0)
+  assert type(model) is Linear and model.din == 2
+  assert isinstance(model.w, nnx.Param) and model.w.shape == (2, 3)
+  np.testing.assert_allclose(model.w[...], make().w[...])
+
+
+def test_variable_argument_and_output():
+  v = nnx.Param(jnp.array(1.0))
+
+  @nnx.jit
+  def double(v):
+    v[...] = v * 2
+    return v
+
+  out = double(v)
+  assert float(v[...]) == 2.0
+  assert isinstance(out, nnx.Param) and float(out[...]) == 2.0
+
+
+def test_containers_of_objects_and_keyword_arguments():
+  a, b, c = make(), make(), make()
+
+  @nnx.jit
+  def both(models, x, *, extra):
+    return models[0](x) + models[1](x) + extra(x)
+
+  both([a, b], jnp.ones((1, 2)), extra=c)
+  both([a, b], jnp.ones((1, 2)), extra=c)
+  assert int(a.count[...]) == 2 and int(b.count[...]) == 2 and int(c.count[...]) == 2
+  with pytest.raises(ValueError, match=r'\[1\]\.extra.*\[0\]\[0\]\[0\]'):
+    both([a, b], jnp.ones((1, 2)), extra=a)   # the same model twice: an alias in tree mode
+  assert int(a.count[...]) == 2
+
+
+def test_tree_mode_alias_error_names_both_paths_and_changes_nothing():
+  p = nnx.Param(jnp.array(1.0))
+
+  @nnx.dataclass
+  class Foo(nnx.Module):
+    a: nnx.Param
+    b: nnx.Param
+
+  model = Foo(p, p)
+
+  @nnx.jit
+  def forward(model):
+    model.a[...] += 1.0
+
+  with pytest.raises(ValueError, match=r'\[0\]\[0\]\.b.*\[0\]\[0\]\.a'):
+    forward(model)
+  assert float(p[...]) == 1.0
+
+
+def test_graph_mode_keeps_sharing():
+  p = nnx.Param(jnp.array(1.0))
+
+  @nnx.dataclass
+  class Foo(nnx.Module):
+    a: nnx.Param
+    b: nnx.Param
+
+  model = Foo(p, p)
+
+  @nnx.jit(graph=True)
+  def forward(model, x):
+    model.a[...] += 1.0
+    return model.a * x + model.b
+
+  assert float(forward(model, jnp.array(1.0))) == 4.0
+  assert model.a is model.b and float(model.b[...]) == 2.0
+
+
+def test_set_graph_mode_context_manager_is_the_default():
+  p = nnx.Param(jnp.array(1.0))
+  pair = nnx.List([p, p])
+  with nnx.graphlib.set_graph_mode(True):
+    @nnx.jit
+    def inc(pair):
+      pair[0][...] += 1.0
+  inc(pair)
+  assert float(p[...]) == 2.0
+
+
+def test_failure_while_tracing_leaves_state_untouched():
+  model = make()
+  w = np.asarray(model.w[...])
+
+  @nnx.jit
+  def broken(model):
+    model.w[...] = model.w + 1
+    model.count[...] += 1
+    raise RuntimeError('boom')
+
+  with pytest.raises(RuntimeError, match='boom'):
+    broken(model)
+  np.testing.assert_array_equal(model.w[...], w)
+  assert int(model.count[...]) == 0
+
+
+def test_failure_while_running_leaves_state_untouched():
+  model = make()
+
+  def fail(x):
+    raise ValueError('runtime failure')
+
+  @nnx.jit
+  def broken(model):
+    model.count[...] += 1
+    jax.debug.callback(fail, model.count[...])
+    return model.count[...]
+
+  with pytest.raises(Exception, match='runtime failure'):
+    jax.block_until_ready(broken(model))
+  assert int(model.count[...]) == 0
+
+
+def test_closure_write_to_outer_variable_raises():
+  outer = nnx.Param(jnp.array(0.0))
+
+  @nnx.jit
+  def leak(x):
+    outer[...] = x
+
+  with pytest.raises(nnx.TraceContextError, match='nnx.clone'):
+    leak(jnp.array(1.0))
+  assert float(outer[...]) == 0.0
+
+
+def test_retraces_only_when_structure_changes():
+  traces = []
+
+  @nnx.jit
+  def forward(model, x):
+    traces.append(1)
+    return model(x)
+
+  model = make()
+  x = jnp.ones((1, 2))
+  forward(model, x)
+  forward(model, x)
+  forward(make(), x)            # another object, same structure: cached executable
+  assert len(traces) == 1
+  forward(model, jnp.ones((5, 2)))  # new shape
+  assert len(traces) == 2
+  model.extra = nnx.BatchStat(jnp.zeros(()))   # new attribute: new structure
+  forward(model, x)
+  assert len(traces) == 3
+  model.din = 7                 # static attribute changed
+  forward(model, x)
+  assert len(traces) == 4
+
+
+def test_replacing_a_variable_after_a_call_is_seen():
+  model = make()
+
+  @nnx.jit
+  def read(model):
+    return model.w[...]
+
+  read(model)
+  model.w = nnx.Param(jnp.full((2, 3), 5.0))
+  np.testing.assert_array_equal(read(model), jnp.full((2, 3), 5.0))
+  model.w[...] = jnp.full((2, 3), 6.0)
+  np.testing.assert_array_equal(read(model), jnp.full((2, 3), 6.0))
+
+
+def test_list_mutation_invalidates_the_cached_plan():
+  class Stack(nnx.Module):
+    def __init__(self):
+      self.items = [nnx.Param(jnp.array(1.0))]
+
+  stack = Stack()
+  assert isinstance(stack.items, nnx.List)
+
+  @nnx.jit
+  def total(stack):
+    return sum(v[...] for v in stack.items)
+
+  assert float(total(stack)) == 1.0
+  stack.items.append(nnx.Param(jnp.array(2.0)))
+  assert float(total(stack)) == 3.0
+
+
+def test_static_argnums_and_argnames():
+  @nnx.jit(static_argnums=1, static_argnames='mode')
+  def f(model, n, mode='add'):
+    for _ in range(n):
+      model.count[...] += 1 if mode == 'add' else -1
+    return model.count[...]
+
+  model = make()
+  assert int(f(model, 3)) == 3
+  assert int(f(model, 2, mode='sub')) == 1
+
+
+def test_donated_model_stays_usable():
+  model = make()
+
+  @nnx.jit(donate_argnums=0)
+  def step(model, x):
+    model.w[...] = model.w * 2
+    return model(x)
+
+  w = np.asarray(model.w[...])
+  step(model, jnp.ones((1, 2)))
+  step(model, jnp.ones((1, 2)))
+  np.testing.assert_allclose(model.w[...], w * 4)
+  assert int(model.count[...]) == 2
+
+
+def test_rngs_advance_through_jit():
+  rngs = nnx.Rngs(0)
+
+  @nnx.jit
+  def draw(rngs):
+    return rngs.normal((2,))
+
+  a, b = draw(rngs), draw(rngs)
+  assert not np.allclose(a, b)
+  assert int(rngs.default.count[...]) == 2
+  expected = jax.random.normal(jax.random.fold_in(jax.random.key(0), 1), (2,))
+  np.testing.assert_allclose(b, expected)
+
+
+def test_lower_compiles():
+  model = make()
+  f = nnx.jit(lambda m, x: m(x))
+  lowered = f.lower(model, jnp.ones((1, 2)))
+  assert 'dot' in lowered.as_text()
+  assert int(model.count[...]) == 0
