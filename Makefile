@@ -1,11 +1,11 @@
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 
 .PHONY: demo test bench clean
 
 $(PY):
-	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "python3.11 not found; set PYTHON=/path/to/python3.11"; exit 1; }
+	@$(PYTHON) -c "import sys; assert sys.version_info >= (3, 11), \"arbax needs Python >= 3.11; set PYTHON=/path/to/python3.11\""
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 

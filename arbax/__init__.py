@@ -7,7 +7,7 @@ from arbax._settings import set_graph_mode, set_graph_updates  # noqa: F401
 from arbax.variables import (Variable, Param, BatchStat, Cache, Intermediate, Perturbation,  # noqa: F401
                              VarMeta, var_defaults)
 from arbax.pytree import Pytree, List, Dict, data, static, dataclass  # noqa: F401
-from arbax.module import Module, Sequential, iter_modules, iter_children  # noqa: F401
+from arbax.module import Module, Sequential, iter_modules, iter_children, view  # noqa: F401
 from arbax.state import (State, FlatState, to_flat_state, from_flat_state, to_pure_dict,  # noqa: F401
                          replace_by_pure_dict, filter_state, split_state, merge_state, map_state,
                          restore_int_paths)
@@ -27,3 +27,5 @@ from arbax.nn import initializers  # noqa: F401
 from arbax.training import *  # noqa: F401,F403
 from arbax.training import metrics  # noqa: F401
 from arbax.hijax import *  # noqa: F401,F403
+from arbax.sharding import *  # noqa: F401,F403
+from arbax.transforms.shard_map import *  # noqa: F401,F403

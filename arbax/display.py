@@ -12,13 +12,16 @@ import typing as tp
 import jax
 import numpy as np
 
-from arbax.pytree import Pytree, attributes, List, node_parts
+from arbax.pytree import Dict, List, Pytree, attributes, node_parts
 from arbax.variables import Variable
+
+__all__ = ['display', 'tabulate']
 
 _INDENT = '  '
 
 
 def _size_and_bytes(x) -> tuple[int, int]:
+  """(elements, bytes) of the arrays in ``x``; Python scalars are not counted (as in NNX)."""
   size = 0
   nbytes = 0
   for leaf in jax.tree_util.tree_leaves(x):
@@ -32,9 +35,6 @@ def _size_and_bytes(x) -> tuple[int, int]:
           nbytes += n * np.dtype(leaf.dtype).itemsize
       except Exception:
         pass
-    elif isinstance(leaf, (int, float, bool, complex)):
-      size += 1
-      nbytes += 4 if isinstance(leaf, (int, float, bool)) else 8
   return size, nbytes
 
 
@@ -61,6 +61,8 @@ def _count_kinds(obj) -> dict[str, list[int]]:
       seen.add(id(x))
     if isinstance(x, Variable):
       size, nbytes = _size_and_bytes(x._value)
+      if not size and not nbytes:  # no arrays (a Python scalar, a tuple of ints): not counted
+        return
       entry = counts.setdefault(kind_name(x), [0, 0])
       entry[0] += size
       entry[1] += nbytes
@@ -83,11 +85,11 @@ def _summary(obj) -> str:
   counts = _count_kinds(obj)
   if not counts:
     return ''
-  parts = [f'{k}: {n} ({_fmt_bytes(b)})' for k, (n, b) in counts.items()]
+  parts = [f'{k}: {n:,} ({_fmt_bytes(b)})' for k, (n, b) in counts.items()]
   if len(counts) > 1:
     total_n = sum(n for n, _ in counts.values())
     total_b = sum(b for _, b in counts.values())
-    parts.append(f'Total: {total_n} ({_fmt_bytes(total_b)})')
+    parts.append(f'Total: {total_n:,} ({_fmt_bytes(total_b)})')
   return ' # ' + ', '.join(parts)
 
 
@@ -109,54 +111,59 @@ def _value_repr(x, level: int, full: bool, seen: set) -> str:
     return _object_repr(x, level, full, seen)
   if isinstance(x, (jax.Array, np.ndarray)) and hasattr(x, 'shape'):
     return _indent_rest(_array_repr(x, full), level)
-  if isinstance(x, dict):
-    if not x:
-      return '{}'
-    inner = ''.join(f'{_INDENT * (level + 1)}{k!r}: {_value_repr(v, level + 1, full, seen)},\n'
-                    for k, v in x.items())
-    return '{\n' + inner + _INDENT * level + '}'
+  if isinstance(x, dict) and not full:  # a plain dict attribute: inline, like its repr
+    return '{' + ', '.join(f'{k!r}: {_value_repr(v, level, full, seen)}' for k, v in x.items()) + '}'
+  if isinstance(x, dict):  # a nested State level
+    return _block('{', '}', [f'{k!r}: {_value_repr(v, level + 1, full, seen)}' for k, v in x.items()],
+                  level)
   if isinstance(x, (list, tuple)) and any(isinstance(v, (Variable, Pytree, jax.Array)) for v in x):
-    open_, close = ('[', ']') if isinstance(x, list) else ('(', ')')
-    inner = ''.join(f'{_INDENT * (level + 1)}{_value_repr(v, level + 1, full, seen)},\n' for v in x)
-    return open_ + '\n' + inner + _INDENT * level + close
+    inner = ', '.join(_value_repr(v, level, full, seen) for v in x)
+    if isinstance(x, list):
+      return f'[{inner}]'
+    return f'({inner},)' if len(x) == 1 else f'({inner})'
   return _indent_rest(repr(x), level)
 
 
-def _object_repr(obj, level: int, full: bool, seen: set) -> str:
-  if id(obj) in seen:
-    return f'{type(obj).__name__}(...)  # shared reference'
-  name = type(obj).__name__
+def _block(open_: str, close: str, entries: list[str], level: int) -> str:
+  """``open_`` + one entry per line, indented one level + ``close`` (``open_ + close`` if empty)."""
+  if not entries:
+    return open_ + close
   pad = _INDENT * (level + 1)
+  return open_ + '\n' + ',\n'.join(pad + e for e in entries) + '\n' + _INDENT * level + close
+
+
+def _object_repr(obj, level: int, full: bool, seen: set) -> str:
+  name = type(obj).__name__
+  if id(obj) in seen:  # a Pytree met again (shared or a cycle): shown in full once
+    return f'{name}(...)'
   if isinstance(obj, Variable):
     size, nbytes = _size_and_bytes(obj._value)
-    header = f'{name}( # {size} ({_fmt_bytes(nbytes)})' if size else f'{name}('
-    lines = [f'{pad}value={_value_repr(obj._value, level + 1, full, seen)}']
-    for k, v in obj._meta.items.items():
-      if k in ('hijax', 'ref') and not v:
-        continue
-      lines.append(f'{pad}{k}={_indent_rest(repr(v), level + 1)}')
-    return header + '\n' + ',\n'.join(lines) + '\n' + _INDENT * level + ')'
-  seen = seen | {id(obj)}
+    header = f'{name}( # {size:,} ({_fmt_bytes(nbytes)})' if size else f'{name}('
+    entries = [f'value={_value_repr(obj._value, level + 1, full, seen)}']
+    entries += [f'{k}={_indent_rest(repr(v), level + 1)}' for k, v in obj._meta.items.items()
+                if k not in ('hijax', 'ref') or v]
+    return _block(header, ')', entries, level)
+  seen.add(id(obj))
   if isinstance(obj, dict):  # State
-    if not obj:
-      return f'{name}({{}})'
-    inner = ''.join(f'{pad}{k!r}: {_value_repr(v, level + 1, full, seen)},\n' for k, v in obj.items())
-    return f'{name}({{\n{inner}{_INDENT * level}}})'
+    entries = [f'{k!r}: {_value_repr(v, level + 1, full, seen)}' for k, v in obj.items()]
+    return _block(f'{name}({{', '})', entries, level)
   if isinstance(obj, List):
-    items = list(obj)
-    inner = ''.join(f'{pad}{_value_repr(v, level + 1, full, seen)},\n' for v in items)
-    return f'{name}([{_summary(obj) and " " + _summary(obj).strip()}\n{inner}{_INDENT * level}])'
-  attrs = [(k, v) for k, v, _ in attributes(obj) if not (isinstance(k, str) and k.startswith('_'))]
-  header = f'{name}({_summary(obj)}'
-  if not attrs:
-    return header + ')'
-  body = ',\n'.join(f'{pad}{k}={_value_repr(v, level + 1, full, seen)}' for k, v in attrs)
-  return header + '\n' + body + '\n' + _INDENT * level + ')'
+    return _block(f'{name}([', '])', [_value_repr(v, level + 1, full, seen) for v in obj], level)
+  if isinstance(obj, Dict):
+    entries = [f'{k!r}: {_value_repr(v, level + 1, full, seen)}' for k, v in obj.items()]
+    return _block(f'{name}({{', '})', entries, level)
+  entries = [f'{k}={_value_repr(v, level + 1, full, seen)}' for k, v, _ in attributes(obj)
+             if not (isinstance(k, str) and k.startswith('_'))]
+  return _block(f'{name}({_summary(obj)}', ')', entries, level)
 
 
 def object_repr(obj) -> str:
-  """The repr of Variables, Pytrees and States (State shows full array values)."""
-  full = isinstance(obj, dict)
+  """The repr of Variables, Pytrees and States.
+
+  Arrays are shown in full at the top (a Variable or a State) and as shape and
+  dtype inside a Pytree, as NNX does.
+  """
+  full = isinstance(obj, (dict, Variable))
   return _object_repr(obj, 0, full, set())
 
 

@@ -18,8 +18,11 @@ import typing as tp
 import jax.numpy as jnp
 
 from arbax import filters as filterlib
-from arbax.pytree import Pytree, attributes
+from arbax.pytree import Dict, List, Pytree, node_parts
 from arbax.variables import Intermediate, Perturbation, Variable
+
+
+__all__ = ['Module', 'Sequential', 'iter_modules', 'iter_children', 'view']
 
 
 def _append(xs, x):
@@ -28,6 +31,17 @@ def _append(xs, x):
 
 def _empty():
   return ()
+
+
+_NAMED_KINDS: dict[str, type[Variable]] = {}
+
+
+def _kind_named(name: str) -> type[Variable]:
+  """The Variable kind for ``sow('name', ...)``: one class per name, so repeated sows agree."""
+  kind = _NAMED_KINDS.get(name)
+  if kind is None:
+    kind = _NAMED_KINDS[name] = type(name, (Variable,), {'__module__': __name__})
+  return kind
 
 
 class Module(Pytree):
@@ -40,7 +54,7 @@ class Module(Pytree):
     ``reduce_fn(previous, value)`` combines; ``init_fn()`` gives the first previous value.
     """
     if isinstance(variable_type, str):
-      variable_type = type(variable_type, (Variable,), {})
+      variable_type = _kind_named(variable_type)
     existing = self.__dict__.get(name)
     if existing is None:
       setattr(self, name, variable_type(reduce_fn(init_fn(), value)))
@@ -61,25 +75,12 @@ class Module(Pytree):
     return value + self.__dict__[name].get_value()
 
   def iter_modules(self) -> tp.Iterator[tuple[tuple, 'Module']]:
-    """``(path, module)`` for every Module under this one (itself last, with path ``()``)."""
-    seen: set = set()
-
-    def visit(node, path):
-      if id(node) in seen:
-        return
-      seen.add(id(node))
-      for key, child in _children(node):
-        yield from visit(child, path + (key,))
-      if isinstance(node, Module):
-        yield path, node
-
-    yield from visit(self, ())
+    """``(path, module)`` for every Module under this one, children first, itself last at ``()``."""
+    return iter_modules(self)
 
   def iter_children(self) -> tp.Iterator[tuple[tp.Any, 'Module']]:
-    """``(name, module)`` for each direct child Module."""
-    for key, child in _children(self):
-      if isinstance(child, Module):
-        yield key, child
+    """``(name, module)`` for each Module held directly in an attribute."""
+    return iter_children(self)
 
   def set_attributes(self, *filters, raise_if_not_found: bool = True, **attrs) -> None:
     """Set ``attrs`` on every sub-Module (matching ``filters``, if given) that already has them."""
@@ -107,44 +108,86 @@ class Module(Pytree):
                         raise_if_not_found=False, **attrs)
 
   def view(self, **attrs) -> 'Module':
-    """A structural copy sharing this Module's Variables, with ``attrs`` set where present."""
-    from arbax.api import merge, split
-    graphdef, state = split(self, graph=True)
-    copy = merge(graphdef, state)
-    copy.set_attributes(raise_if_not_found=False, **attrs)
-    return copy
+    """``nnx.view(self, **attrs)``: a copy sharing this Module's Variables, with ``attrs`` set."""
+    return view(self, raise_if_not_found=False, **attrs)
+
+
+def _is_module(x) -> bool:
+  # nnx.List and nnx.Dict count as Modules when iterating, as in NNX.
+  return isinstance(x, (Module, List, Dict))
 
 
 def _children(node):
-  if isinstance(node, Pytree):
-    for key, value, is_data in attributes(node):
-      if not is_data:
-        continue
-      if isinstance(value, Pytree):
-        yield key, value
-      elif isinstance(value, (list, tuple)):
-        for i, item in enumerate(value):
-          if isinstance(item, Pytree):
-            yield (key, i), item
-      elif isinstance(value, dict):
-        for k, item in value.items():
-          if isinstance(item, Pytree):
-            yield (key, k), item
+  """``(path_suffix, child)`` for the Pytrees under ``node``, in pytree (sorted key) order.
+
+  Plain lists, tuples and dicts held as data are looked into, so their items
+  get paths like ``('blocks', 0)``.
+  """
+  if not isinstance(node, Pytree):
+    return
+  keys, _ = node_parts(node)
+  d = node.__dict__
+  for key in keys:
+    value = d[key]
+    if isinstance(value, Pytree):
+      yield (key,), value
+    elif isinstance(value, (list, tuple)):
+      for i, item in enumerate(value):
+        if isinstance(item, Pytree):
+          yield (key, i), item
+    elif isinstance(value, dict):
+      for k, item in value.items():
+        if isinstance(item, Pytree):
+          yield (key, k), item
 
 
-def iter_modules(module: Module):
-  return module.iter_modules()
+def iter_modules(module) -> tp.Iterator[tuple[tuple, Module]]:
+  """``(path, module)`` for every Module in ``module`` (itself last, at path ``()``).
+
+  Each Module appears once, at its first path; children come before parents.
+  """
+  seen: set = set()
+
+  def visit(node, path):
+    if id(node) in seen:
+      return
+    seen.add(id(node))
+    for suffix, child in _children(node):
+      yield from visit(child, path + suffix)
+    if _is_module(node):
+      yield path, node
+
+  return visit(module, ())
 
 
-def iter_children(module: Module):
-  return module.iter_children()
+def iter_children(module) -> tp.Iterator[tuple[tp.Any, Module]]:
+  """``(name, child)`` for each Module held directly in an attribute of ``module``."""
+  for suffix, child in _children(module):
+    if len(suffix) == 1 and _is_module(child):
+      yield suffix[0], child
+
+
+def view(node, /, *, only: tp.Any = ..., raise_if_not_found: bool = True, graph: bool | None = None,
+         **attrs):
+  """A copy of ``node`` that shares its Variables, with ``attrs`` set on the Modules that have them.
+
+      eval_model = nnx.view(model, deterministic=True)   # model itself is unchanged
+
+  ``only`` (a filter) limits which Modules are changed. Raises ValueError when
+  no Module has one of ``attrs`` (unless ``raise_if_not_found=False``).
+  """
+  from arbax.api import merge, split
+  graphdef, state = split(node, graph=True)
+  copy = merge(graphdef, state)
+  filters = () if only is ... else (only,)
+  copy.set_attributes(*filters, raise_if_not_found=raise_if_not_found, **attrs)
+  return copy
 
 
 class Sequential(Module):
   """Calls its layers in order: ``nnx.Sequential(nnx.Linear(2, 4, rngs=rngs), nnx.relu)``."""
 
   def __init__(self, *fns: tp.Callable):
-    from arbax.pytree import List
     self.layers = List(fns)
 
   def __call__(self, *args, rngs=None, **kwargs):

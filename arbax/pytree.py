@@ -16,6 +16,8 @@ lists, tuples and dicts that hold them) are *data*; everything else is
 from __future__ import annotations
 
 import dataclasses
+import functools
+import operator
 import typing as tp
 
 import jax
@@ -23,6 +25,8 @@ import numpy as np
 
 from arbax import _settings
 from arbax.variables import Variable, _hashable
+
+__all__ = ['Pytree', 'List', 'Dict', 'data', 'static', 'dataclass', 'is_data', 'attributes']
 
 _KIND = 'arbax_kind'  # key in dataclasses.Field.metadata
 _MISSING = object()
@@ -70,8 +74,9 @@ def is_data(value) -> bool:
     return any(is_data(v) for v in value)
   if isinstance(value, dict):
     return any(is_data(v) for v in value.values())
+  # numpy scalars are hashable constants, static like Python numbers (as in NNX).
   if isinstance(value, (int, float, complex, str, bytes, type(None), np.generic, type)) or callable(value):
-    return isinstance(value, np.generic)
+    return False
   # Other registered pytrees (NamedTuples, optax states, ...): data if they hold arrays.
   leaves = jax.tree_util.tree_leaves(value, is_leaf=lambda x: isinstance(x, (Variable, Pytree)))
   if len(leaves) == 1 and leaves[0] is value:
@@ -96,6 +101,45 @@ def _find_data(value, path=''):
   return None
 
 
+_OPAQUE_SKIP = (int, float, complex, str, bytes, type(None), np.generic, type, np.dtype)
+
+
+def _find_hidden_state(value, holder=None) -> str | None:
+  """Where a static value hides a Variable or Pytree that JAX cannot see, or None.
+
+  Checked once at assignment (never when flattening): sets, bound methods,
+  ``functools.partial`` and the attributes of plain objects are opaque to
+  ``jax.tree``, so state inside them would be frozen into the treedef and its
+  updates lost.
+  """
+  if isinstance(value, _OPAQUE_SKIP):
+    return None
+  if isinstance(value, (set, frozenset)):
+    return next((f'an element {type(v).__name__}' for v in value if isinstance(v, (Variable, Pytree))),
+                None)
+  owner = getattr(value, '__self__', None)
+  # A method bound to the holder itself (``self.fn = self._impl``) is a common idiom: the
+  # holder's state is visible through the holder, so only other owners hide state.
+  if isinstance(owner, (Variable, Pytree)) and owner is not holder:
+    return f'.__self__ (the {type(owner).__name__} the method is bound to)'
+  if isinstance(value, functools.partial):
+    for i, v in enumerate(value.args):
+      if isinstance(v, (Variable, Pytree)):
+        return f'.args[{i}]'
+    for k, v in value.keywords.items():
+      if isinstance(v, (Variable, Pytree)):
+        return f'.keywords[{k!r}]'
+    return None
+  if callable(value) or isinstance(value, (list, tuple, dict)):
+    return None
+  attrs = getattr(value, '__dict__', None)
+  if isinstance(attrs, dict):
+    for k, v in attrs.items():
+      if isinstance(v, (Variable, Pytree)):
+        return f'.{k}'
+  return None
+
+
 # -- the static part of a node ------------------------------------------------
 class PytreeAux:
   """What a Pytree node contributes to a treedef: its data keys and static attributes.
@@ -104,13 +148,32 @@ class PytreeAux:
   computed once.
   """
 
-  __slots__ = ('data_keys', 'static', 'order', '_hash')
+  __slots__ = ('data_keys', 'static', 'order', '_hash', 'children_of', '_template')
 
   def __init__(self, data_keys: tuple, static: tuple, order: tuple):
     self.data_keys = data_keys
     self.static = static      # ((name, value), ...) in insertion order
     self.order = order        # every attribute name, insertion order (for repr)
     self._hash = None
+    self._template = None
+    # `__dict__ -> children` in C (itemgetter): flatten runs per node on every jit call.
+    if not data_keys:
+      self.children_of = _no_children
+    elif len(data_keys) == 1:
+      self.children_of = functools.partial(_one_child, data_keys[0])
+    else:
+      self.children_of = operator.itemgetter(*data_keys)
+
+  def template(self) -> tuple[dict, dict]:
+    """(``__dict__`` with static values in attribute order, kinds) for building nodes; made once."""
+    if self._template is None:
+      kinds = {k: False for k, _ in self.static}
+      kinds.update((k, True) for k in self.data_keys)
+      values = {'_arbax_kinds': None, '_arbax_cache': (self.data_keys, self)}
+      values.update((k, None) for k in self.order)
+      values.update(self.static)
+      self._template = (values, kinds)
+    return self._template
 
   def __hash__(self):
     if self._hash is None:
@@ -132,6 +195,14 @@ class PytreeAux:
 
   def __repr__(self):
     return f'PytreeAux(data={self.data_keys}, static={dict(self.static)})'
+
+
+def _no_children(d):
+  return ()
+
+
+def _one_child(key, d):
+  return (d[key],)
 
 
 def _sort_key(k):
@@ -156,15 +227,14 @@ def node_parts(obj: 'Pytree') -> tuple[tuple, PytreeAux]:
 def _key_entry(cls, k):
   if isinstance(k, int):
     return jax.tree_util.SequenceKey(k)
-  if cls._arbax_dict_keys:
-    return jax.tree_util.DictKey(k)
   return jax.tree_util.GetAttrKey(k)
 
 
 def _flatten(obj):
-  keys, aux = node_parts(obj)
   d = obj.__dict__
-  return [d[k] for k in keys], aux
+  cached = d.get('_arbax_cache')
+  aux = (cached if cached is not None else node_parts(obj))[1]
+  return aux.children_of(d), aux
 
 
 def _make_flatten_with_keys(cls):
@@ -178,24 +248,23 @@ def _make_flatten_with_keys(cls):
 def new_node(cls, aux: PytreeAux, children) -> 'Pytree':
   """Build a Pytree of class ``cls`` from its aux and data children, without calling ``__init__``."""
   obj = object.__new__(cls)
-  d = obj.__dict__
-  values = dict(aux.static)
-  values.update(zip(aux.data_keys, children))
-  kinds = {k: False for k, _ in aux.static}
-  kinds.update((k, True) for k in aux.data_keys)
-  d['_arbax_kinds'] = kinds
-  for k in aux.order:
-    d[k] = values[k]
-  d['_arbax_cache'] = (aux.data_keys, aux)
-  obj._arbax_after_unflatten()
+  values, kinds = aux.template()
+  d = values.copy()  # keeps the attribute order; data slots are filled in place
+  d['_arbax_kinds'] = kinds.copy()
+  d.update(zip(aux.data_keys, children))
+  _set_dict(obj, '__dict__', d)
+  if cls._arbax_after_unflatten is not Pytree._arbax_after_unflatten:
+    obj._arbax_after_unflatten()
   return obj
+
+
+_set_dict = object.__setattr__
 
 
 class Pytree:
   """Base class of objects that are JAX pytrees; see the module docstring."""
 
   _arbax_declared: tp.ClassVar[dict] = {}
-  _arbax_dict_keys: tp.ClassVar[bool] = False
   _arbax_pytree: tp.ClassVar[bool] = True
 
   def __init_subclass__(cls, pytree: bool = True, **kwargs):
@@ -247,6 +316,8 @@ class Pytree:
       kind = is_data(value)
       if kind:
         value = _as_tracked_container(value)
+      else:
+        _check_no_hidden_state(self, name, value)
     elif explicit:
       kind = True
     else:
@@ -290,6 +361,17 @@ class Pytree:
   def __treescope_repr__(self, path, subtree_renderer):
     from arbax.display import treescope_repr
     return treescope_repr(self, path, subtree_renderer)
+
+
+def _check_no_hidden_state(obj, name, value):
+  hidden = _find_hidden_state(value, obj)
+  if hidden is not None:
+    raise ValueError(
+        f'Attribute {name!r} of {type(obj).__name__} is static (a {type(value).__name__}), but it '
+        f'holds a Variable or Pytree at {hidden}. JAX cannot see inside it, so that state would be '
+        f'frozen into the tree definition and its updates lost. Store the Variable / Module in its '
+        f'own attribute (or make the holder an nnx.Pytree), or wrap it with nnx.static(...) if '
+        f'freezing it is intended.')
 
 
 def _annotation_kind(annotation):
@@ -414,9 +496,8 @@ class List(Pytree):
 
 
 class Dict(Pytree):
-  """A dict that is a Pytree: keys appear as ``['key']`` in paths; also readable as attributes."""
+  """A dict that is a Pytree: keys appear as attributes (``.key``) in paths, and read as attributes."""
 
-  _arbax_dict_keys = True
 
   def __init__(self, *args, **kwargs):
     for k, v in dict(*args, **kwargs).items():

@@ -16,13 +16,17 @@ from __future__ import annotations
 
 import functools
 import typing as tp
+import warnings
 
 import jax
 import jax.numpy as jnp
 
-from arbax.module import Module
+from arbax import filters as filterlib
 from arbax.pytree import Pytree
 from arbax.variables import Variable
+
+__all__ = ['RngState', 'RngKey', 'RngCount', 'RngStream', 'Rngs', 'reseed', 'split_rngs',
+           'fork_rngs']
 
 
 class RngState(Variable):
@@ -35,53 +39,89 @@ class RngKey(RngState):
 
 
 class RngCount(RngState):
-  """How many keys a stream has produced (uint32)."""
+  """How many keys a stream has produced (uint32, one counter per key)."""
 
 
 def _as_key(seed) -> jax.Array:
   if isinstance(seed, Variable):
     seed = seed.get_value()
-  if isinstance(seed, (int,)) or (hasattr(seed, 'dtype') and jnp.issubdtype(seed.dtype, jnp.integer)
-                                  and getattr(seed, 'shape', ()) == ()):
+  if isinstance(seed, int) and not isinstance(seed, bool):
     return jax.random.key(seed)
-  if hasattr(seed, 'dtype') and jax.dtypes.issubdtype(seed.dtype, jax.dtypes.prng_key):
+  dtype = getattr(seed, 'dtype', None)
+  if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
     return seed
-  if hasattr(seed, 'shape') and seed.shape[-1:] == (2,):  # raw uint32 key data
+  if dtype == jnp.uint32 and getattr(seed, 'shape', ())[-1:] == (2,):  # raw key data (PRNGKey)
     return jax.random.wrap_key_data(seed)
-  raise TypeError(f'Rngs expects an int seed or a JAX PRNG key, got {type(seed).__name__}')
+  if dtype is not None and jnp.issubdtype(dtype, jnp.integer) and getattr(seed, 'shape', None) == ():
+    return jax.random.key(seed)
+  raise ValueError(f'Invalid rng seed {seed!r} of type {type(seed).__name__}: expected an int or '
+                   'a JAX PRNG key (jax.random.key(...)).')
 
 
+# Everything in jax.random that draws samples from a key (first argument).
+_NOT_DISTRIBUTIONS = frozenset({
+    'key', 'PRNGKey', 'split', 'fold_in', 'key_data', 'wrap_key_data', 'key_impl', 'clone',
+    'default_prng_impl', 'threefry_2x32', 'threefry2x32_key', 'rbg_key', 'unsafe_rbg_key',
+    'KeyArray', 'PRNGKeyArray', 'random_wrap', 'random_unwrap', 'key_dtype', 'random_seed',
+    'random_split', 'random_fold_in', 'random_bits'})
 _DISTRIBUTIONS = frozenset(
     name for name in dir(jax.random)
-    if not name.startswith('_') and name not in (
-        'key', 'PRNGKey', 'split', 'fold_in', 'key_data', 'wrap_key_data', 'key_impl', 'clone',
-        'default_prng_impl', 'threefry_2x32', 'threefry2x32_key', 'rbg_key', 'unsafe_rbg_key',
-        'KeyArray', 'PRNGKeyArray', 'random_wrap', 'random_unwrap', 'random_bits', 'bits')
-    and callable(getattr(jax.random, name)))
+    if not name.startswith('_') and name not in _NOT_DISTRIBUTIONS
+    and callable(getattr(jax.random, name)) and not isinstance(getattr(jax.random, name), type))
+
+# Initializer constructors that become keyless: ``rngs.lecun_normal()(shape)``. Names that
+# clash with a distribution (normal, uniform, ...) stay distributions.
+_INITIALIZERS = frozenset({
+    'delta_orthogonal', 'glorot_normal', 'glorot_uniform', 'he_normal', 'he_uniform',
+    'kaiming_normal', 'kaiming_uniform', 'lecun_normal', 'lecun_uniform', 'variance_scaling',
+    'xavier_normal', 'xavier_uniform'})
 
 
-class _Distributions:
-  """``stream.normal(shape)`` == ``jax.random.normal(stream(), shape)`` for every distribution."""
+def _random_method(owner, name: str):
+  """``owner.<name>`` for a distribution or initializer, drawing keys from ``owner()``."""
+  if name in _DISTRIBUTIONS:
+    fn = getattr(jax.random, name)
+
+    @functools.wraps(fn)
+    def draw(*args, **kwargs):
+      return fn(owner(), *args, **kwargs)
+
+    return draw
+  make = getattr(jax.nn.initializers, name)
+
+  @functools.wraps(make)
+  def keyless(*args, **kwargs):
+    init = make(*args, **kwargs)
+    return lambda *shape_args, **shape_kwargs: init(owner(), *shape_args, **shape_kwargs)
+
+  return keyless
+
+
+class _RandomMethods:
+  """Every jax.random distribution and the keyed initializers as methods, keys supplied."""
 
   def __getattr__(self, name):
-    if name in _DISTRIBUTIONS:
-      fn = getattr(jax.random, name)
+    if name in _DISTRIBUTIONS or name in _INITIALIZERS:
+      return _random_method(self, name)
+    raise AttributeError(f'{type(self).__name__!r} object has no attribute {name!r}')
 
-      @functools.wraps(fn)
-      def draw(*args, **kwargs):
-        return fn(self(), *args, **kwargs)
-
-      return draw
-    raise AttributeError(f'{type(self).__name__} has no attribute {name!r}')
+  def __dir__(self):
+    return sorted({*super().__dir__(), *_DISTRIBUTIONS, *_INITIALIZERS})
 
 
-class RngStream(_Distributions, Module):
+def _shape(k: int | tuple[int, ...]) -> tuple[int, ...]:
+  return (k,) if isinstance(k, int) else tuple(k)
+
+
+class RngStream(_RandomMethods, Pytree):
   """One named stream: a base key and a counter. Calling it returns a new key."""
 
   def __init__(self, key, *, tag: str):
+    key = _as_key(key)
     self.tag = tag
-    self.key = RngKey(_as_key(key), tag=tag)
-    self.count = RngCount(jnp.array(0, dtype=jnp.uint32), tag=tag)
+    self.key = RngKey(key, tag=tag)
+    # One counter per key, so a split stream (keys of shape (n,)) stays vmappable.
+    self.count = RngCount(jnp.zeros(key.shape, dtype=jnp.uint32), tag=tag)
 
   def __call__(self) -> jax.Array:
     count = self.count[...]
@@ -89,108 +129,175 @@ class RngStream(_Distributions, Module):
     self.count[...] = count + 1
     return key
 
-  def fork(self, *, split: int | tuple[int, ...] | None = None) -> 'RngStream':
-    """A new stream seeded from a fresh key of this one (``split=n`` gives n keys stacked)."""
-    key = self()
-    if split is not None:
-      key = jax.random.split(key, split)
-    return type(self)(key, tag=self.tag)
-
   def split(self, k: int | tuple[int, ...]) -> 'RngStream':
-    """This stream with its key split ``k`` ways (for vmap); the counter is copied per key."""
-    key = jax.random.split(self(), k)
-    new = type(self)(key, tag=self.tag)
-    new.count[...] = jnp.zeros(key.shape, jnp.uint32)
-    return new
+    """A new stream whose key is a fresh key of this one split ``k`` ways (for vmap)."""
+    return type(self)(jax.random.split(self(), k), tag=self.tag)
 
-  def reseed(self, seed) -> None:
-    self.key[...] = _as_key(seed)
-    self.count[...] = jnp.zeros_like(self.count[...])
+  def fork(self, *, split: int | tuple[int, ...] | None = None) -> 'RngStream':
+    """A new stream seeded with a fresh key of this one (``split=`` is the deprecated ``split()``)."""
+    if split is not None:
+      warnings.warn("The 'split' argument of 'fork' is deprecated; use the 'split' method instead.",
+                    DeprecationWarning, stacklevel=2)
+      return self.split(split)
+    return type(self)(self(), tag=self.tag)
+
+  def broadcast(self, k: int | tuple[int, ...]) -> 'RngStream':
+    """A new stream whose key is one fresh key repeated to shape ``k`` (every copy draws alike)."""
+    key = self()
+    return type(self)(jnp.broadcast_to(key, _shape(k) + key.shape), tag=self.tag)
 
 
-class Rngs(_Distributions, Module):
-  """A set of named RngStreams: ``nnx.Rngs(0)``, ``nnx.Rngs(0, params=1)``, ``nnx.Rngs(params=key)``."""
+def _per_stream(spec, default=None) -> tp.Callable[[RngStream], tp.Any]:
+  """Turn ``k`` or ``{filter: k, ...}`` into ``stream -> k`` (first matching filter wins)."""
+  if not isinstance(spec, tp.Mapping):
+    return lambda stream: spec
+  rules = [(filterlib.to_predicate(f), v) for f, v in spec.items()]
+
+  def lookup(stream):
+    for predicate, value in rules:
+      # String filters match tags: the stream's own tag, like its Variables'.
+      if predicate((), stream) or predicate((), stream.key):
+        return value
+    return default
+
+  return lookup
+
+
+class Rngs(_RandomMethods, Pytree):
+  """A set of named RngStreams: ``nnx.Rngs(0)``, ``nnx.Rngs(0, params=1)``, ``nnx.Rngs(params=key)``.
+
+  The positional seed is the ``default`` stream, used by ``rngs()`` and by any
+  stream name that was not given.
+  """
 
   def __init__(self, default=None, /, **streams):
-    for name, seed in streams.items():
-      if isinstance(seed, RngStream):
-        setattr(self, name, seed)
-      else:
-        setattr(self, name, RngStream(seed, tag=name))
     if default is not None:
-      if isinstance(default, (Rngs,)):
-        for name, stream in default.streams():
-          setattr(self, name, stream)
-      elif isinstance(default, dict):
-        for name, seed in default.items():
-          setattr(self, name, RngStream(seed, tag=name))
+      if isinstance(default, tp.Mapping):
+        streams = {**default, **streams}
       else:
-        self.default = RngStream(default, tag='default')
+        streams['default'] = default
+    for tag, seed in streams.items():
+      if isinstance(seed, RngStream):  # a new stream from its key: counts restart
+        seed = seed.key.get_value()
+      setattr(self, tag, RngStream(seed, tag=tag))
 
-  def __getattr__(self, name: str) -> RngStream:
-    # Reached only when the stream does not exist: fall back to `default`.
-    if name.startswith('_'):
+  def _stream(self, name: str, error: type[Exception]) -> RngStream:
+    d = self.__dict__
+    stream = d.get(name)
+    if isinstance(stream, RngStream):
+      return stream
+    if isinstance(d.get('default'), RngStream):
+      return d['default']
+    raise error(f'No RngStream named {name!r} found in Rngs (streams: {list(self)}). Add it with '
+                f'nnx.Rngs({name}=seed), or give a default seed: nnx.Rngs(0).')
+
+  def __getattr__(self, name: str):
+    # Reached only when normal lookup fails: random methods, then streams (default fallback).
+    if name.startswith('__') or name.startswith('_arbax'):
       raise AttributeError(name)
-    if name in _DISTRIBUTIONS:
-      return _Distributions.__getattr__(self, name)
-    streams = self.__dict__
-    if 'default' in streams:
-      return streams['default']
-    raise AttributeError(
-        f'Rngs has no stream {name!r} and no default stream; it has {[n for n, _ in self.streams()]}. '
-        f'Create it with nnx.Rngs({name}=seed) or give a default seed: nnx.Rngs(0).')
-
-  def __call__(self) -> jax.Array:
-    return self.default()
+    if name in _DISTRIBUTIONS or name in _INITIALIZERS:
+      return _random_method(self, name)
+    return self._stream(name, AttributeError)
 
   def __getitem__(self, name: str) -> RngStream:
-    return getattr(self, name)
+    return self._stream(name, KeyError)
 
-  def __contains__(self, name: str) -> bool:
+  def __call__(self) -> jax.Array:
+    return self._stream('default', AttributeError)()
+
+  def __iter__(self) -> tp.Iterator[str]:
+    return (name for name, _ in self.items())
+
+  def __len__(self) -> int:
+    return sum(1 for _ in self.items())
+
+  def __contains__(self, name) -> bool:
     return isinstance(self.__dict__.get(name), RngStream)
 
-  def streams(self) -> list[tuple[str, RngStream]]:
-    return [(k, v) for k, v in self.__dict__.items() if isinstance(v, RngStream)]
+  def items(self) -> tp.Iterator[tuple[str, RngStream]]:
+    return ((k, v) for k, v in list(self.__dict__.items()) if isinstance(v, RngStream))
 
-  def items(self):
-    return self.streams()
+  def split(self, k) -> 'Rngs':
+    """New Rngs whose streams' keys are split ``k`` ways.
 
-  def fork(self, *, split: int | tuple[int, ...] | dict | None = None) -> 'Rngs':
-    """New Rngs whose streams are seeded from fresh keys of these (``split`` to stack keys)."""
-    new = object.__new__(Rngs)
-    new.__dict__['_arbax_kinds'] = {}
-    new.__dict__['_arbax_cache'] = None
-    for name, stream in self.streams():
-      n = split.get(name) if isinstance(split, dict) else split
-      setattr(new, name, stream.fork(split=n))
-    return new
+    ``k`` is a size/shape for every stream, or ``{filter: size_or_None, ...}``
+    (``None``: keep that stream's key as it is).
+    """
+    sizes = _per_stream(k)
+    new = {}
+    for name, stream in self.items():
+      n = sizes(stream)
+      new[name] = stream if n is None else stream.split(n)
+    return Rngs(**new)
 
-  def split(self, k: int | tuple[int, ...]) -> 'Rngs':
-    return self.fork(split=k)
+  def broadcast(self, k) -> 'Rngs':
+    """New Rngs whose streams hold one fresh key each, repeated to shape ``k`` (or a filter map)."""
+    sizes = _per_stream(k)
+    new = {}
+    for name, stream in self.items():
+      n = sizes(stream)
+      new[name] = stream if n is None else stream.broadcast(n)
+    return Rngs(**new)
 
-  def reseed(self, **seeds) -> None:
-    for name, seed in seeds.items():
-      getattr(self, name).reseed(seed)
+  def fork(self, /, *, split=None) -> 'Rngs':
+    """New Rngs whose streams are seeded with a fresh key of each stream here."""
+    if split is not None:
+      warnings.warn("The 'split' argument of 'fork' is deprecated; use the 'split' method instead.",
+                    DeprecationWarning, stacklevel=2)
+      sizes = _per_stream(split)
+      return Rngs(**{name: stream.fork() if sizes(stream) is None else stream.split(sizes(stream))
+                     for name, stream in self.items()})
+    return Rngs(**{name: stream.fork() for name, stream in self.items()})
 
 
-def reseed(node, /, **seeds) -> None:
-  """Reseed every RngStream named in ``seeds`` anywhere inside ``node``."""
+def _scalars_only(path, key, shape):
+  if shape != ():
+    from arbax.errors import format_path
+    raise ValueError(
+        f'Cannot reseed the stream at {format_path(path)}: its key has shape {shape} (it was split). '
+        "Pass policy='match_shape' to split the new key to that shape, or a callable "
+        '(path, key, shape) -> key.')
+  return key
+
+
+def _match_shape(path, key, shape):
+  return key if shape == () else jax.random.split(key, shape)
+
+
+_POLICIES = {'scalars_only': _scalars_only, 'match_shape': _match_shape}
+
+
+def reseed(node, /, *, graph: bool | None = None, policy='scalars_only', **stream_keys) -> None:
+  """Give every RngStream in ``node`` whose tag is in ``stream_keys`` a new key and a zero count.
+
+  The new key is the first key of ``nnx.Rngs(tag=seed)``, so reseeding with the seed
+  a model was built with makes it draw the same keys as a model built with it
+  after construction. ``policy`` handles split (non-scalar) keys: ``'scalars_only'``
+  raises, ``'match_shape'`` splits the new key to the old key's shape, or a callable
+  ``(path, key, shape) -> key``.
+  """
   from arbax.api import iter_graph
-  for _, obj in iter_graph(node):
-    if isinstance(obj, RngStream) and obj.tag in seeds:
-      obj.reseed(seeds[obj.tag])
+  if isinstance(policy, str) and policy in _POLICIES:
+    policy = _POLICIES[policy]
+  elif not callable(policy):
+    raise ValueError(f"policy must be 'scalars_only', 'match_shape' or a callable, got {policy!r}")
+  seeds = Rngs(**stream_keys)
+  for path, obj in list(iter_graph(node, graph=True)):
+    if isinstance(obj, RngStream) and obj.tag in stream_keys:
+      key = policy(path, seeds[obj.tag](), obj.key.get_value().shape)
+      obj.key.set_value(key)
+      obj.count.set_value(jnp.zeros(key.shape, dtype=jnp.uint32))
 
 
 def split_rngs_state(node, splits: int | tuple[int, ...], only: tp.Any = ...):
   """Split the keys of every RngStream in ``node`` (matching ``only``) in place; returns a restore function."""
-  from arbax import filters as filterlib
   from arbax.api import iter_graph
   predicate = filterlib.to_predicate(only)
   backups = []
-  for path, obj in list(iter_graph(node)):
-    if isinstance(obj, RngStream) and predicate(path, obj.key):
+  for path, obj in list(iter_graph(node, graph=True)):
+    if isinstance(obj, RngStream) and (predicate(path, obj) or predicate(path, obj.key)):
+      key = jax.random.split(obj(), splits)  # consumes a key: the count stays advanced, as in NNX
       backups.append((obj, obj.key.get_value(), obj.count.get_value()))
-      key = jax.random.split(obj(), splits)
       obj.key.set_value(key)
       obj.count.set_value(jnp.zeros(key.shape, jnp.uint32))
 
@@ -247,7 +354,7 @@ def _holds_rngs(x) -> bool:
     return True
   if isinstance(x, Pytree):
     from arbax.api import iter_graph
-    return any(isinstance(o, RngStream) for _, o in iter_graph(x))
+    return any(isinstance(o, RngStream) for _, o in iter_graph(x, graph=True))
   return False
 
 

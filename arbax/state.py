@@ -9,9 +9,15 @@
 
 A State is itself a pytree (keys sorted, like dicts), so it passes through
 ``jax.jit``/``jax.grad`` and its leaves are the Variables (or raw arrays) it holds.
+
+The functions at the bottom (``skeleton``, ``build_state``, ``leaves_by_skeleton``)
+are the fast path of ``nnx.split``/``nnx.merge``: a *skeleton* is the key
+structure of a State without its leaves, computed once per structure.
 """
 from __future__ import annotations
 
+import operator
+from itertools import islice
 import typing as tp
 
 import jax
@@ -27,6 +33,10 @@ def _sort_key(k):
   return (isinstance(k, str), str(type(k)), k)
 
 
+def _path_sort_key(item):
+  return tuple(_sort_key(k) for k in item[0])
+
+
 class State(dict):
   """A nested mapping of Variables; see the module docstring."""
 
@@ -36,10 +46,16 @@ class State(dict):
     try:
       return self[name]
     except KeyError:
-      raise AttributeError(f'State has no key {name!r}; keys: {list(self)}') from None
+      raise AttributeError(f'No attribute {name!r} in State; its keys are {list(self)}') from None
 
   def __setattr__(self, name, value):
     self[name] = value
+
+  def __delattr__(self, name):
+    try:
+      del self[name]
+    except KeyError:
+      raise AttributeError(f'No attribute {name!r} in State') from None
 
   def __repr__(self):
     from arbax.display import object_repr
@@ -49,13 +65,17 @@ class State(dict):
     from arbax.display import treescope_repr
     return treescope_repr(self, path, subtree_renderer)
 
+  @property
+  def raw_mapping(self) -> dict:
+    return self
+
   # -- flat views --
   def flat_state(self) -> 'FlatState':
     return to_flat_state(self)
 
   @classmethod
   def from_flat_path(cls, flat) -> 'State':
-    return from_flat_state(flat)
+    return from_flat_state(flat, cls=cls)
 
   def to_pure_dict(self) -> dict:
     return to_pure_dict(self)
@@ -77,6 +97,11 @@ class State(dict):
 
   def __or__(self, other):
     return merge_state(self, other)
+
+  def __sub__(self, other):
+    """The entries of ``self`` whose paths are not in ``other``."""
+    drop = set(flat_dict(other))
+    return from_flat_state([(p, v) for p, v in _flat_items(self) if p not in drop])
 
 
 def _state_flatten(s):
@@ -100,16 +125,23 @@ jax.tree_util.register_pytree_with_keys(State, _state_flatten_with_keys, _state_
 
 
 class FlatState(tp.Sequence):
-  """A sorted sequence of ``(path, leaf)`` pairs; ``.paths`` and ``.leaves`` as tuples."""
+  """A sequence of ``(path, leaf)`` pairs (sorted by path unless ``sort=False``).
+
+  ``.paths`` and ``.leaves`` are tuples; ``to_nested_state()`` nests it back.
+  """
 
   __slots__ = ('paths', 'leaves')
 
   def __init__(self, items: tp.Iterable[tuple[Path, tp.Any]], *, sort: bool = True):
     items = list(items)
     if sort:
-      items.sort(key=lambda item: tuple(_sort_key(k) for k in item[0]))
+      items.sort(key=_path_sort_key)
     self.paths = tuple(p for p, _ in items)
     self.leaves = tuple(v for _, v in items)
+
+  @classmethod
+  def from_sorted_keys_values(cls, paths, leaves) -> 'FlatState':
+    return cls(zip(paths, leaves), sort=False)
 
   def __getitem__(self, i):
     if isinstance(i, slice):
@@ -125,24 +157,35 @@ class FlatState(tp.Sequence):
   def __repr__(self):
     return 'FlatState([\n' + ''.join(f'  ({p!r}, {v!r}),\n' for p, v in self) + '])'
 
+  def filter(self, first, /, *filters):
+    groups = _partition(list(self), filterlib.filters_to_predicates((first, *filters)), strict=False)
+    out = tuple(FlatState(g, sort=False) for g in groups)
+    return out[0] if len(out) == 1 else out
+
+  def split(self, first, /, *filters):
+    groups = _partition(list(self), filterlib.filters_to_predicates((first, *filters)), strict=True)
+    out = tuple(FlatState(g, sort=False) for g in groups)
+    return out[0] if len(out) == 1 else out
+
   def to_nested_state(self) -> State:
     return from_flat_state(self)
 
 
-def _is_mapping(x):
+def _is_branch(x) -> bool:
   return isinstance(x, dict)
 
 
 def _flat_items(tree, prefix=()):
   for k, v in tree.items():
     path = prefix + (k,)
-    if _is_mapping(v) and not isinstance(v, Variable):
+    if _is_branch(v):
       yield from _flat_items(v, path)
     else:
       yield path, v
 
 
 def to_flat_state(state: tp.Mapping) -> FlatState:
+  """The ``(path, leaf)`` pairs of a nested State, sorted by path."""
   return FlatState(_flat_items(state))
 
 
@@ -152,7 +195,7 @@ def flat_dict(state: tp.Mapping) -> dict:
 
 
 def from_flat_state(flat, *, cls=State) -> State:
-  """Nest ``[(path, leaf)]`` (or a ``{path: leaf}`` dict) into a State."""
+  """Nest ``[(path, leaf)]``, a FlatState or a ``{path: leaf}`` dict into a State."""
   items = flat.items() if isinstance(flat, dict) else flat
   root = cls()
   for path, leaf in items:
@@ -173,7 +216,7 @@ def to_pure_dict(state: tp.Mapping) -> dict:
   for k, v in state.items():
     if isinstance(v, Variable):
       out[k] = v.get_value()
-    elif _is_mapping(v):
+    elif _is_branch(v):
       out[k] = to_pure_dict(v)
     else:
       out[k] = v
@@ -190,62 +233,75 @@ def restore_int_paths(pure_dict: dict) -> dict:
   return out
 
 
+def _default_replace(target, value):
+  value = value.get_value() if isinstance(value, Variable) else value
+  return target.replace(value) if isinstance(target, Variable) else value
+
+
 def replace_by_pure_dict(state: tp.Mapping, pure_dict: tp.Mapping, replace_fn=None) -> None:
-  """Write the raw values of ``pure_dict`` into the matching Variables of ``state`` in place."""
-  flat = flat_dict(state)
+  """Put the raw values of ``pure_dict`` into ``state``: each Variable is replaced by a new one of
+  the same kind and metadata holding the new value (the Variables of the model are not touched).
+
+  ``replace_fn(old_leaf, value)`` overrides how the new entry is made. Digit-string keys (from
+  JSON checkpoints) match integer keys.
+  """
+  replace_fn = replace_fn or _default_replace
   for path, value in _flat_items(restore_int_paths(dict(pure_dict))):
-    if path not in flat:
-      raise ValueError(f'replace_by_pure_dict: path {format_path(path)} is not in the state; '
-                       f'the state has {[format_path(p) for p in list(flat)[:8]]}...')
-    target = flat[path]
-    if isinstance(target, Variable):
-      if replace_fn is not None:
-        value = replace_fn(target, value)
-      else:
-        value = value.get_value() if isinstance(value, Variable) else value
-      object.__setattr__(target, '_value', value)
-    else:
-      _set_path(state, path, value)
+    parent = state
+    try:
+      for k in path[:-1]:
+        parent = parent[k]
+      old = parent[path[-1]]
+    except (KeyError, TypeError):
+      raise ValueError(f'replace_by_pure_dict: key {format_path(path)} of the pure dict is not '
+                       'in the state. Was the dict saved from another model?') from None
+    parent[path[-1]] = replace_fn(old, value)
 
 
-def _set_path(tree, path, value):
-  for k in path[:-1]:
-    tree = tree[k]
-  tree[path[-1]] = value
-
-
-def _partition(flat, predicates, *, strict: bool):
+def _partition(flat, predicates, *, strict: bool) -> list[list]:
+  """Split ``[(path, leaf)]`` into one list per predicate; the first match wins."""
   groups = [[] for _ in predicates]
-  rest = []
+  unmatched = []
   for path, leaf in flat:
     for i, pred in enumerate(predicates):
       if pred(path, leaf):
         groups[i].append((path, leaf))
         break
     else:
-      if strict:
-        kind = type(leaf).__name__
-        raise ValueError(
-            f'{kind} at path {format_path(path)} matched none of the filters '
-            f'{list(predicates)}. Add a filter for it, or end the filters with ... to catch the rest.')
-      rest.append((path, leaf))
-  return groups, rest
+      unmatched.append((path, leaf))
+  if strict and unmatched:
+    raise unmatched_error(unmatched, predicates)
+  return groups
+
+
+def unmatched_error(unmatched: list, predicates) -> ValueError:
+  """The error of a split whose filters left ``[(path, leaf)]`` unmatched: names the paths."""
+  (path, leaf), rest = unmatched[0], unmatched[1:]
+  more = ''
+  if rest:
+    more = f' (and {len(rest)} more: ' + ', '.join(format_path(p) for p, _ in rest[:3]) + \
+        (', ...' if len(rest) > 3 else '') + ')'
+  return ValueError(
+      f'Non-exhaustive filters: the {type(leaf).__name__} at {format_path(path)}{more} matched '
+      f'none of the filters {list(predicates)}. Add a filter for it, or end the filters with '
+      '`...` to match all remaining elements.')
+
+
+def _split_groups(state, filters, strict):
+  predicates = filterlib.filters_to_predicates(filters)
+  groups = _partition(list(_flat_items(state)), predicates, strict=strict)
+  states = tuple(from_flat_state(g) for g in groups)
+  return states[0] if len(states) == 1 else states
 
 
 def filter_state(state: tp.Mapping, first, /, *filters) -> State | tuple[State, ...]:
-  """The parts of ``state`` matched by each filter (one State per filter)."""
-  predicates = filterlib.filters_to_predicates((first, *filters))
-  groups, _ = _partition(list(_flat_items(state)), predicates, strict=False)
-  states = tuple(from_flat_state(g) for g in groups)
-  return states[0] if len(states) == 1 else states
+  """The parts of ``state`` matched by each filter (one State per filter; the first match wins)."""
+  return _split_groups(state, (first, *filters), strict=False)
 
 
 def split_state(state: tp.Mapping, first, /, *filters) -> State | tuple[State, ...]:
   """Partition ``state``: each leaf goes to the first filter that matches; every leaf must match one."""
-  predicates = filterlib.filters_to_predicates((first, *filters))
-  groups, _ = _partition(list(_flat_items(state)), predicates, strict=True)
-  states = tuple(from_flat_state(g) for g in groups)
-  return states[0] if len(states) == 1 else states
+  return _split_groups(state, (first, *filters), strict=True)
 
 
 def merge_state(state: tp.Mapping, /, *states: tp.Mapping) -> State:
@@ -259,3 +315,113 @@ def merge_state(state: tp.Mapping, /, *states: tp.Mapping) -> State:
 def map_state(f: tp.Callable[[tuple, tp.Any], tp.Any], state: tp.Mapping) -> State:
   """A State with ``f(path, leaf)`` at every path."""
   return from_flat_state({p: f(p, v) for p, v in _flat_items(state)})
+
+
+# -- skeletons: the fast path of split / merge / update ------------------------
+# A skeleton is ((key, sub), ...) where sub is None for a leaf or a skeleton.
+
+
+def skeleton(paths: tp.Iterable[tuple]) -> tuple:
+  """The key structure of the State that ``from_flat_state`` would build from ``paths``."""
+  root: dict = {}
+  for path in paths:
+    node = root
+    for k in path[:-1]:
+      node = node.setdefault(k, {})
+    node[path[-1]] = None
+
+  def freeze(node):
+    return tuple((k, None if sub is None else freeze(sub)) for k, sub in node.items())
+
+  return freeze(root)
+
+
+def build_state(skel: tuple, leaves: tp.Iterator) -> State:
+  """A fresh State of shape ``skel`` filled from ``leaves`` (an iterator, in skeleton order)."""
+  s = State()
+  for k, sub in skel:
+    s[k] = next(leaves) if sub is None else build_state(sub, leaves)
+  return s
+
+
+def compile_builder(skel: tuple) -> tp.Callable[[tp.Iterator], State]:
+  """``build_state`` for one skeleton, compiled: a level of leaves is one ``State(zip(...))``."""
+  keys = tuple(k for k, _ in skel)
+  if all(sub is None for _, sub in skel):
+    n = len(keys)
+
+    def leaf_level(it):
+      return State(zip(keys, islice(it, n)))
+    return leaf_level
+  parts = tuple((k, None if sub is None else compile_builder(sub)) for k, sub in skel)
+
+  def branch_level(it):
+    s = State()
+    for k, sub in parts:
+      s[k] = next(it) if sub is None else sub(it)
+    return s
+  return branch_level
+
+
+def leaves_by_skeleton(state: tp.Mapping, skel: tuple, out: list) -> bool:
+  """Append the leaves of ``state`` to ``out`` in skeleton order; False if the shapes differ."""
+  return compile_getter(skel)(state, out)
+
+
+_BRANCHES = frozenset({dict, State})
+
+
+def compile_getter(skel: tuple) -> tp.Callable[[tp.Mapping, list], bool]:
+  """A function ``get(state, out) -> bool`` doing ``leaves_by_skeleton`` for this skeleton fast:
+  a level whose entries are all leaves is read with one ``itemgetter`` call."""
+  inner = _compile_level(skel)
+
+  def get(state, out):
+    try:
+      return inner(state, out)
+    except (KeyError, TypeError, IndexError):
+      return False
+  return get
+
+
+def _compile_level(skel):
+  keys = tuple(k for k, _ in skel)
+  n = len(keys)
+  if all(sub is None for _, sub in skel):
+    if n == 1:
+      key = keys[0]
+
+      def fetch(d):
+        return (d[key],)
+    else:
+      fetch = operator.itemgetter(*keys) if keys else (lambda d: ())
+
+    def leaf_level(d, out):
+      if len(d) != n:
+        return False
+      values = fetch(d)
+      if not _BRANCHES.isdisjoint(map(type, values)):
+        return False
+      out.extend(values)
+      return True
+    return leaf_level
+  parts = tuple((k, None if sub is None else _compile_level(sub)) for k, sub in skel)
+
+  def branch_level(d, out):
+    if len(d) != n:
+      return False
+    for k, sub in parts:
+      v = d[k]
+      if sub is None:
+        if type(v) in _BRANCHES:
+          return False
+        out.append(v)
+      elif type(v) not in _BRANCHES or not sub(v, out):
+        return False
+    return True
+  return branch_level
+
+
+__all__ = ['State', 'FlatState', 'to_flat_state', 'from_flat_state', 'flat_dict', 'to_pure_dict',
+           'replace_by_pure_dict', 'filter_state', 'split_state', 'merge_state', 'map_state',
+           'restore_int_paths']

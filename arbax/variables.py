@@ -27,10 +27,21 @@ from arbax.errors import TraceContextError
 _GetAttrKey = jax.tree_util.GetAttrKey
 _VALUE_KEY = _GetAttrKey('value')
 
+__all__ = ['Variable', 'Param', 'BatchStat', 'Cache', 'Intermediate', 'Perturbation', 'VarMeta',
+           'var_defaults']
 
-def current_trace():
-  """An opaque token for the JAX trace running now (eval, jit, grad, ...)."""
-  return get_opaque_trace_state(convention='nnx')
+
+try:  # JAX's own token for the current trace, read without building a wrapper object
+  from jax._src.core import trace_ctx as _trace_ctx
+  _trace_ctx.trace._weakref  # noqa: B018  (probe: the attribute exists in this JAX)
+
+  def current_trace():
+    """A token for the JAX trace running now (eval, jit, grad, ...); equal tokens, same trace."""
+    return _trace_ctx.trace._weakref
+except (ImportError, AttributeError):  # other JAX versions: the public, slower API
+  def current_trace():
+    """A token for the JAX trace running now (eval, jit, grad, ...); equal tokens, same trace."""
+    return get_opaque_trace_state(convention='nnx')
 
 
 def _hashable(x):
@@ -116,13 +127,20 @@ class Variable:
     defaults = _settings.SETTINGS.var_defaults
     metadata['hijax'] = defaults['hijax'] if hijax is None else bool(hijax)
     metadata['ref'] = defaults['ref'] if ref is None else bool(ref)
+    if 'out_sharding' in metadata:  # sharding hook: eager placement on the mesh
+      from arbax.sharding import shard_new_value
+      value = shard_new_value(value, metadata)
     object.__setattr__(self, '_value', value)
     object.__setattr__(self, '_meta', _make_meta(metadata))
     object.__setattr__(self, '_trace', current_trace())
+    if metadata['hijax'] or metadata['ref']:  # hijax hook: becomes a Cell/Ref-backed twin
+      from arbax.hijax import adopt
+      adopt(self)
 
   def __init_subclass__(cls, **kwargs):
     super().__init_subclass__(**kwargs)
-    _register(cls)
+    if not cls.__dict__.get('_arbax_hijax_kind'):  # hijax hook: twins register themselves
+      _register(cls)
 
   # -- construction without __init__ (pytree unflatten, merge, transforms) --
   @classmethod
@@ -135,7 +153,7 @@ class Variable:
 
   # -- value access --
   def _check_trace(self):
-    if self._trace != current_trace():
+    if self._trace is not current_trace():
       raise TraceContextError(
           f'Cannot mutate {type(self).__name__} from a different trace level: it was created '
           'outside the transform that is running now. Pass the object that holds it as an '
@@ -161,7 +179,8 @@ class Variable:
 
   def __getitem__(self, index):
     value = self._value
-    if index is ... and not hasattr(value, '__getitem__'):
+    # `v[...]` reads the whole value of any kind, not only of arrays (lists, tuples, scalars).
+    if index is ... and not hasattr(value, 'shape'):
       return value
     return value[index]
 

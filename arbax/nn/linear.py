@@ -1,3 +1,267 @@
-"""(being written) linear."""
+"""Linear layers: ``Linear``, ``LinearGeneral``, ``Einsum`` and the learnable-slope ``PReLU``.
 
-__all__: list[str] = []
+    >>> import jax.numpy as jnp, arbax as nnx
+    >>> layer = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
+    >>> layer.kernel.shape, layer.bias.shape      # Params named as NNX names them
+    ((3, 4), (4,))
+    >>> layer(jnp.ones((2, 3))).shape             # y = x @ kernel + bias
+    (2, 4)
+
+Parameters are drawn from the ``params`` stream of ``rngs`` (any Rngs falls
+back to its ``default`` stream), in the order kernel, then bias, and stored in
+``param_dtype``. ``dtype`` is the computation dtype: ``None`` promotes inputs
+and parameters together (see ``arbax.nn.dtypes.promote_dtype``).
+"""
+from __future__ import annotations
+
+import math
+import typing as tp
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from arbax.module import Module
+from arbax.nn import initializers
+from arbax.nn.dtypes import promote_dtype as _promote_dtype
+from arbax.variables import Param
+
+default_kernel_init = initializers.lecun_normal()
+default_bias_init = initializers.zeros_init()
+
+_EMPTY: tp.Mapping[str, tp.Any] = {}
+
+
+def _tuple(x) -> tuple:
+  return tuple(x) if isinstance(x, tp.Sequence) else (x,)
+
+
+def _dot_general_call(fn, *args, out_sharding=None, **kwargs):
+  # Only forward out_sharding when given, so custom dot_general functions need not accept it.
+  if out_sharding is not None:
+    kwargs['out_sharding'] = out_sharding
+  return fn(*args, **kwargs)
+
+
+class Linear(Module):
+  """``y = x @ kernel + bias`` over the last axis of ``x``.
+
+  Args:
+    in_features: size of the last input axis.
+    out_features: size of the last output axis.
+    use_bias: whether to add a ``bias`` Param (``None`` when off).
+    dtype: computation dtype (``None``: promote inputs and params).
+    param_dtype: dtype the Params are stored in.
+    precision: ``jax.lax.Precision`` for the matmul.
+    kernel_init, bias_init: initializers, called ``init(key, shape, param_dtype)``.
+    dot_general: the contraction (``jax.lax.dot_general`` by default).
+    promote_dtype: ``fn((x, kernel, bias), dtype=dtype) -> (x, kernel, bias)``.
+    preferred_element_type: accumulation dtype passed to ``dot_general``.
+    rngs: where initialisation keys come from (the ``params`` stream).
+    kernel_metadata, bias_metadata: extra metadata for the Params (e.g. sharding names).
+  """
+
+  def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
+               dtype=None, param_dtype=jnp.float32, precision=None,
+               kernel_init=default_kernel_init, bias_init=default_bias_init,
+               dot_general=lax.dot_general, promote_dtype=_promote_dtype,
+               preferred_element_type=None, rngs,
+               kernel_metadata: tp.Mapping[str, tp.Any] = _EMPTY,
+               bias_metadata: tp.Mapping[str, tp.Any] = _EMPTY):
+    self.kernel = Param(kernel_init(rngs.params(), (in_features, out_features), param_dtype),
+                        **kernel_metadata)
+    self.bias = (Param(bias_init(rngs.params(), (out_features,), param_dtype), **bias_metadata)
+                 if use_bias else None)
+    self.in_features = in_features
+    self.out_features = out_features
+    self.use_bias = use_bias
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.precision = precision
+    self.dot_general = dot_general
+    self.promote_dtype = promote_dtype
+    self.preferred_element_type = preferred_element_type
+
+  def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
+    bias = self.bias[...] if self.bias is not None else None
+    inputs, kernel, bias = self.promote_dtype((inputs, self.kernel[...], bias), dtype=self.dtype)
+    y = _dot_general_call(self.dot_general, inputs, kernel,
+                          (((inputs.ndim - 1,), (0,)), ((), ())),
+                          precision=self.precision,
+                          preferred_element_type=self.preferred_element_type,
+                          out_sharding=out_sharding)
+    if bias is not None:
+      y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+    return y
+
+
+class LinearGeneral(Module):
+  """A linear map over several input axes to several output axes, optionally batched.
+
+      >>> import jax.numpy as jnp, arbax as nnx
+      >>> layer = nnx.LinearGeneral((2, 3), 4, axis=(-2, -1), rngs=nnx.Rngs(0))
+      >>> layer.kernel.shape, layer(jnp.ones((5, 2, 3))).shape
+      ((2, 3, 4), (5, 4))
+
+  ``axis`` names the contracted input axes (sizes ``in_features``); the output
+  ends with ``out_features``. ``batch_axis={0: n}`` gives each of the ``n``
+  items of leading input axis 0 its own kernel (batch axes must be the
+  leading axes ``0, 1, ...``); batch axes come first in the output.
+  """
+
+  def __init__(self, in_features, out_features, *, axis=-1, batch_axis=_EMPTY,
+               use_bias: bool = True, dtype=None, param_dtype=jnp.float32,
+               kernel_init=default_kernel_init, bias_init=default_bias_init,
+               precision=None, promote_dtype=_promote_dtype, dot_general=None,
+               dot_general_cls=None, preferred_element_type=None, rngs,
+               kernel_metadata: tp.Mapping[str, tp.Any] = _EMPTY,
+               bias_metadata: tp.Mapping[str, tp.Any] = _EMPTY):
+    self.in_features = _tuple(in_features)
+    self.out_features = _tuple(out_features)
+    self.axis = _tuple(axis)
+    if len(self.axis) != len(self.in_features):
+      raise ValueError(f'LinearGeneral: axis={self.axis} names {len(self.axis)} axes but '
+                       f'in_features={self.in_features} gives {len(self.in_features)} sizes; '
+                       'pass one size per contracted axis.')
+    self.batch_axis = dict(batch_axis)
+    batch_dims = tuple(sorted(self.batch_axis))
+    if batch_dims != tuple(range(len(batch_dims))):
+      raise ValueError(f'LinearGeneral: batch_axis dims {batch_dims} must be consecutive leading '
+                       'dimensions starting from 0, e.g. batch_axis={0: n}.')
+    batch_shape = tuple(self.batch_axis[d] for d in batch_dims)
+    n_in, n_out = math.prod(self.in_features), math.prod(self.out_features)
+    # Initialise as a (fan_in, fan_out) matrix per batch item so variance scaling sees the
+    # real fan-in/fan-out, then reshape to one axis per feature.
+    kernel = kernel_init(rngs.params(), batch_shape + (n_in, n_out), param_dtype)
+    self.kernel = Param(jnp.reshape(kernel, batch_shape + self.in_features + self.out_features),
+                        **kernel_metadata)
+    if use_bias:
+      bias = bias_init(rngs.params(), batch_shape + (n_out,), param_dtype)
+      self.bias = Param(jnp.reshape(bias, batch_shape + self.out_features), **bias_metadata)
+    else:
+      self.bias = None
+    self.use_bias = use_bias
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.precision = precision
+    self.dot_general = dot_general
+    self.dot_general_cls = dot_general_cls
+    self.promote_dtype = promote_dtype
+    self.preferred_element_type = preferred_element_type
+
+  def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
+    ndim = inputs.ndim
+    n_batch = len(self.batch_axis)
+    axis = tuple(a % ndim for a in self.axis)
+    batch_dims = tuple(range(n_batch))
+    if set(axis) & set(batch_dims):
+      raise ValueError(f'LinearGeneral: contracted axes {self.axis} overlap the batch axes '
+                       f'{batch_dims}; an axis cannot be both.')
+    bias = self.bias[...] if self.bias is not None else None
+    inputs, kernel, bias = self.promote_dtype((inputs, self.kernel[...], bias), dtype=self.dtype)
+    kernel_in = tuple(range(n_batch, n_batch + len(axis)))
+    dot_general = self.dot_general
+    if dot_general is None:
+      dot_general = self.dot_general_cls() if self.dot_general_cls is not None else lax.dot_general
+    y = _dot_general_call(dot_general, inputs, kernel,
+                          ((axis, kernel_in), (batch_dims, batch_dims)),
+                          precision=self.precision,
+                          preferred_element_type=self.preferred_element_type,
+                          out_sharding=out_sharding)
+    if bias is not None:
+      # Output layout: batch axes, the free input axes, then the feature axes.
+      n_free = ndim - n_batch - len(axis)
+      shape = bias.shape[:n_batch] + (1,) * n_free + bias.shape[n_batch:]
+      y = y + jnp.reshape(bias, shape)
+    return y
+
+
+def _check_einsum_str(einsum_str: str) -> str:
+  einsum_str = einsum_str.replace(' ', '')
+  if '->' not in einsum_str:
+    raise ValueError(f'Einsum: einsum_str {einsum_str!r} must be explicit, with "->" before '
+                     'the output, e.g. "bti,id->btd".')
+  commas = einsum_str.count(',')
+  if commas != 1:
+    raise ValueError('`einsum_str` equation must have exactly two operands and therefore, '
+                     f'exactly one comma character, instead of {commas}: {einsum_str!r}.')
+  return einsum_str
+
+
+def _bias_broadcast_shape(einsum_str: str, kernel_shape, bias):
+  """Where the bias sits in the output: the output axes that come from the kernel keep their size."""
+  lhs, out = einsum_str.split('->')
+  kernel_letters = lhs.split(',')[1]
+  sizes = dict(zip(kernel_letters, kernel_shape))
+  return tuple(sizes.get(c, 1) for c in out if c != '.')
+
+
+class Einsum(Module):
+  """``y = einsum(einsum_str, x, kernel) + bias`` with a learned ``kernel`` of ``kernel_shape``.
+
+      >>> import jax.numpy as jnp, arbax as nnx
+      >>> layer = nnx.Einsum('bti,ihd->bthd', (3, 4, 5), (4, 5), rngs=nnx.Rngs(0))
+      >>> layer(jnp.ones((2, 6, 3))).shape
+      (2, 6, 4, 5)
+
+  The bias (when ``bias_shape`` is given) is laid over the output axes whose
+  letters come from the kernel operand. ``einsum_str`` may also be passed per call.
+  """
+
+  def __init__(self, einsum_str: str, kernel_shape, bias_shape=None, *, dtype=None,
+               param_dtype=jnp.float32, precision=None, kernel_init=default_kernel_init,
+               bias_init=default_bias_init, promote_dtype=_promote_dtype,
+               einsum_op=jnp.einsum, preferred_element_type=None, rngs,
+               kernel_metadata: tp.Mapping[str, tp.Any] = _EMPTY,
+               bias_metadata: tp.Mapping[str, tp.Any] = _EMPTY):
+    self.einsum_str = _check_einsum_str(einsum_str)
+    self.kernel_shape = tuple(kernel_shape)
+    self.bias_shape = tuple(bias_shape) if bias_shape is not None else None
+    self.kernel = Param(kernel_init(rngs.params(), self.kernel_shape, param_dtype),
+                        **kernel_metadata)
+    self.bias = (Param(bias_init(rngs.params(), self.bias_shape, param_dtype), **bias_metadata)
+                 if bias_shape is not None else None)
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.precision = precision
+    self.promote_dtype = promote_dtype
+    self.einsum_op = einsum_op
+    self.preferred_element_type = preferred_element_type
+
+  def __call__(self, inputs: jax.Array, einsum_str: str | None = None,
+               out_sharding=None) -> jax.Array:
+    einsum_str = _check_einsum_str(einsum_str if einsum_str is not None else self.einsum_str)
+    bias = self.bias[...] if self.bias is not None else None
+    inputs, kernel, bias = self.promote_dtype((inputs, self.kernel[...], bias), dtype=self.dtype)
+    kwargs = dict(precision=self.precision, preferred_element_type=self.preferred_element_type)
+    if out_sharding is not None:
+      kwargs['out_sharding'] = out_sharding
+    y = self.einsum_op(einsum_str, inputs, kernel, **kwargs)
+    if bias is not None:
+      y = y + jnp.reshape(bias, _bias_broadcast_shape(einsum_str, kernel.shape, bias))
+    return y
+
+
+class PReLU(Module):
+  """Parametric ReLU: ``x`` where ``x >= 0``, else ``negative_slope * x`` with a learned scalar slope.
+
+      >>> import jax.numpy as jnp, arbax as nnx
+      >>> nnx.PReLU(0.5)(jnp.array([-2.0, 3.0])).tolist()
+      [-1.0, 3.0]
+  """
+
+  def __init__(self, negative_slope_init: float = 0.01, *, dtype=None,
+               param_dtype=jnp.float32, promote_dtype=_promote_dtype,
+               negative_slope_metadata: tp.Mapping[str, tp.Any] = _EMPTY):
+    self.negative_slope = Param(jnp.asarray(negative_slope_init, dtype=param_dtype),
+                                **negative_slope_metadata)
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.promote_dtype = promote_dtype
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    inputs, slope = self.promote_dtype((inputs, self.negative_slope[...]), dtype=self.dtype)
+    return jnp.where(inputs >= 0, inputs, slope * inputs)
+
+
+__all__ = ['Linear', 'LinearGeneral', 'Einsum', 'PReLU']

@@ -1,3 +1,514 @@
-"""(being written) normalization."""
+"""Normalization layers: rescale activations to zero mean / unit variance, then learn a scale and bias.
 
-__all__: list[str] = []
+    >>> import jax.numpy as jnp, arbax as nnx
+    >>> norm = nnx.LayerNorm(4, rngs=nnx.Rngs(0))
+    >>> y = norm(jnp.array([[1.0, 2.0, 3.0, 4.0]]))
+    >>> round(float(y.mean()), 4), round(float(y.std()), 2)
+    (0.0, 1.0)
+    >>> bn = nnx.BatchNorm(4, rngs=nnx.Rngs(0))
+    >>> _ = bn(jnp.ones((8, 4)))       # training: batch statistics, running averages updated
+    >>> bn.eval()                      # now use_running_average=True
+    >>> type(bn.mean).__name__
+    'BatchStat'
+
+Which axes are averaged is what distinguishes them: ``LayerNorm`` and
+``RMSNorm`` the features of each example, ``BatchNorm`` every axis but the
+features, ``GroupNorm`` groups of channels (plus spatial axes), and
+``InstanceNorm`` the spatial axes of each channel. Statistics are computed in
+at least float32. ``WeightNorm`` and ``SpectralNorm`` instead wrap another
+layer and normalise its weights.
+"""
+from __future__ import annotations
+
+import math
+import typing as tp
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from arbax import filters as filterlib
+from arbax.module import Module
+from arbax.nn import initializers
+from arbax.nn.dtypes import canonicalize_dtype, promote_dtype as _promote_dtype
+from arbax.variables import BatchStat, Param, Variable
+
+_EMPTY: tp.Mapping[str, tp.Any] = {}
+
+
+def _axes(axes, ndim: int) -> tuple[int, ...]:
+  axes = (axes,) if isinstance(axes, int) else tuple(axes)
+  return tuple(sorted(a % ndim for a in axes))
+
+
+def _abs_sq(x):
+  return lax.square(lax.real(x)) + lax.square(lax.imag(x)) if jnp.iscomplexobj(x) else lax.square(x)
+
+
+def _global_sum(x, axes, mask, axis_name, axis_index_groups):
+  """Sum over ``axes`` (where ``mask``), then across devices of ``axis_name`` when given."""
+  total = jnp.sum(x, axes, keepdims=True, where=mask)
+  if axis_name is not None:
+    total = lax.psum(total, axis_name, axis_index_groups=axis_index_groups)
+  return total
+
+
+def _compute_stats(x, axes, *, axis_name=None, axis_index_groups=None, use_mean: bool = True,
+                   use_fast_variance: bool = True, mask=None):
+  """Mean and (biased) variance over ``axes``, keeping dims; both in at least float32.
+
+  Sums and counts are reduced across ``axis_name`` devices, so a masked or
+  uneven batch still gives the statistics of all the examples together.
+  """
+  dtype = jnp.promote_types(jnp.float32, x.dtype)
+  x = jnp.asarray(x, dtype)
+  reduce = lambda v: _global_sum(v, axes, mask, axis_name, axis_index_groups)
+  ones = jnp.ones(x.shape, jnp.float32) if mask is None else jnp.asarray(mask, jnp.float32)
+  count = reduce(ones)
+  mean2 = reduce(_abs_sq(x)) / count
+  if not use_mean:
+    return jnp.zeros_like(mean2), mean2
+  mean = reduce(x) / count
+  if use_fast_variance:
+    var = jnp.maximum(0.0, mean2 - _abs_sq(mean))
+  else:
+    var = reduce(_abs_sq(x - mean)) / count
+  return mean, var
+
+
+def _feature_shape(x_shape, feature_axes) -> tuple[int, ...]:
+  return tuple(d if i in feature_axes else 1 for i, d in enumerate(x_shape))
+
+
+def _normalize(x, mean, var, scale, bias, feature_axes, *, epsilon, dtype, promote_dtype):
+  """``(x - mean) / sqrt(var + eps) * scale + bias``, params laid along ``feature_axes``."""
+  args = promote_dtype((x, scale, bias), dtype=dtype)
+  out_dtype = canonicalize_dtype(*args)
+  shape = _feature_shape(x.shape, feature_axes)
+  y = x - mean
+  mul = lax.rsqrt(var + epsilon)
+  if scale is not None:
+    mul = mul * jnp.reshape(scale, shape)
+  y = y * mul
+  if bias is not None:
+    y = y + jnp.reshape(bias, shape)
+  return jnp.asarray(y, out_dtype)
+
+
+def _param(init, rngs, shape, param_dtype, metadata):
+  return Param(init(rngs.params(), shape, param_dtype), **metadata)
+
+
+def _scale_and_bias(module, shape, *, use_scale, use_bias, scale_init, bias_init, param_dtype,
+                    rngs, scale_metadata, bias_metadata):
+  # Keys are drawn scale first, then bias.
+  module.scale = (_param(scale_init, rngs, shape, param_dtype, scale_metadata)
+                  if use_scale else None)
+  module.bias = (_param(bias_init, rngs, shape, param_dtype, bias_metadata)
+                 if use_bias else None)
+
+
+def _value(v):
+  return None if v is None else v[...]
+
+
+class BatchNorm(Module):
+  """Normalise with statistics over the batch (every axis but ``axis``); keep running averages.
+
+  In training (``use_running_average=False``) each call uses the batch mean
+  and variance and updates the ``mean`` / ``var`` BatchStats:
+  ``mean <- momentum * mean + (1 - momentum) * batch_mean``. In evaluation
+  (``use_running_average=True``, set by ``model.eval()``) the stored averages
+  are used and nothing changes. ``axis_name`` averages the batch statistics
+  across the devices of a ``vmap`` / ``shard_map`` axis.
+  """
+
+  def __init__(self, num_features: int, *, use_running_average: bool | None = False,
+               axis: int = -1, momentum: float = 0.99, epsilon: float = 1e-5, dtype=None,
+               param_dtype=jnp.float32, use_bias: bool = True, use_scale: bool = True,
+               bias_init=initializers.zeros_init(), scale_init=initializers.ones_init(),
+               axis_name: str | None = None, axis_index_groups: tp.Any = None,
+               use_fast_variance: bool = True, promote_dtype=_promote_dtype, rngs,
+               bias_metadata: tp.Mapping[str, tp.Any] = _EMPTY,
+               scale_metadata: tp.Mapping[str, tp.Any] = _EMPTY):
+    shape = (num_features,)
+    # Running statistics stay float32 whatever the parameter dtype, so averages do not drift.
+    self.mean = BatchStat(jnp.zeros(shape, jnp.float32))
+    self.var = BatchStat(jnp.ones(shape, jnp.float32))
+    _scale_and_bias(self, shape, use_scale=use_scale, use_bias=use_bias, scale_init=scale_init,
+                    bias_init=bias_init, param_dtype=param_dtype, rngs=rngs,
+                    scale_metadata=scale_metadata, bias_metadata=bias_metadata)
+    self.num_features = num_features
+    self.use_running_average = use_running_average
+    self.axis = axis
+    self.momentum = momentum
+    self.epsilon = epsilon
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.use_bias = use_bias
+    self.use_scale = use_scale
+    self.axis_name = axis_name
+    self.axis_index_groups = axis_index_groups
+    self.use_fast_variance = use_fast_variance
+    self.promote_dtype = promote_dtype
+
+  def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
+    use_running_average = (use_running_average if use_running_average is not None
+                           else self.use_running_average)
+    if use_running_average is None:
+      raise ValueError(
+          'No `use_running_average` argument was provided to BatchNorm. Pass it to the '
+          'constructor (nnx.BatchNorm(..., use_running_average=True/False)), to the call '
+          '(bn(x, use_running_average=True/False)), or set it with model.train() / model.eval().')
+    feature_axes = _axes(self.axis, x.ndim)
+    reduction_axes = tuple(i for i in range(x.ndim) if i not in feature_axes)
+    shape = _feature_shape(x.shape, feature_axes)
+    if use_running_average:
+      mean = jnp.reshape(self.mean[...], shape)
+      var = jnp.reshape(self.var[...], shape)
+    else:
+      mean, var = _compute_stats(x, reduction_axes, axis_name=self.axis_name,
+                                 axis_index_groups=self.axis_index_groups,
+                                 use_fast_variance=self.use_fast_variance, mask=mask)
+      m = self.momentum
+      stats_shape = self.mean.shape
+      self.mean[...] = m * self.mean[...] + (1 - m) * jnp.reshape(mean, stats_shape)
+      self.var[...] = m * self.var[...] + (1 - m) * jnp.reshape(var, stats_shape)
+    return _normalize(x, mean, var, _value(self.scale), _value(self.bias), feature_axes,
+                      epsilon=self.epsilon, dtype=self.dtype, promote_dtype=self.promote_dtype)
+
+
+class LayerNorm(Module):
+  """Normalise each example over ``reduction_axes`` (the features by default).
+
+  ``scale`` and ``bias`` have shape ``(num_features,)`` laid along
+  ``feature_axes``. ``mask`` (same shape as ``x``) selects which entries count
+  towards the statistics.
+  """
+
+  def __init__(self, num_features: int, *, epsilon: float = 1e-6, dtype=None,
+               param_dtype=jnp.float32, use_bias: bool = True, use_scale: bool = True,
+               bias_init=initializers.zeros_init(), scale_init=initializers.ones_init(),
+               reduction_axes=-1, feature_axes=-1, axis_name: str | None = None,
+               axis_index_groups: tp.Any = None, use_fast_variance: bool = True,
+               promote_dtype=_promote_dtype, rngs,
+               bias_metadata: tp.Mapping[str, tp.Any] = _EMPTY,
+               scale_metadata: tp.Mapping[str, tp.Any] = _EMPTY):
+    _scale_and_bias(self, (num_features,), use_scale=use_scale, use_bias=use_bias,
+                    scale_init=scale_init, bias_init=bias_init, param_dtype=param_dtype,
+                    rngs=rngs, scale_metadata=scale_metadata, bias_metadata=bias_metadata)
+    self.num_features = num_features
+    self.epsilon = epsilon
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.use_bias = use_bias
+    self.use_scale = use_scale
+    self.reduction_axes = reduction_axes
+    self.feature_axes = feature_axes
+    self.axis_name = axis_name
+    self.axis_index_groups = axis_index_groups
+    self.use_fast_variance = use_fast_variance
+    self.promote_dtype = promote_dtype
+
+  def __call__(self, x, *, mask=None):
+    mean, var = _compute_stats(x, _axes(self.reduction_axes, x.ndim), axis_name=self.axis_name,
+                               axis_index_groups=self.axis_index_groups,
+                               use_fast_variance=self.use_fast_variance, mask=mask)
+    return _normalize(x, mean, var, _value(self.scale), _value(self.bias),
+                      _axes(self.feature_axes, x.ndim), epsilon=self.epsilon, dtype=self.dtype,
+                      promote_dtype=self.promote_dtype)
+
+
+class RMSNorm(Module):
+  """``x / sqrt(mean(x**2) + eps) * scale``: LayerNorm without centring or bias."""
+
+  def __init__(self, num_features: int, *, epsilon: float = 1e-6, dtype=None,
+               param_dtype=jnp.float32, use_scale: bool = True,
+               scale_init=initializers.ones_init(), reduction_axes=-1, feature_axes=-1,
+               axis_name: str | None = None, axis_index_groups: tp.Any = None,
+               use_fast_variance: bool = True, promote_dtype=_promote_dtype, rngs,
+               scale_metadata: tp.Mapping[str, tp.Any] = _EMPTY):
+    self.scale = (_param(scale_init, rngs, (num_features,), param_dtype, scale_metadata)
+                  if use_scale else None)
+    self.num_features = num_features
+    self.epsilon = epsilon
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.use_scale = use_scale
+    self.reduction_axes = reduction_axes
+    self.feature_axes = feature_axes
+    self.axis_name = axis_name
+    self.axis_index_groups = axis_index_groups
+    self.use_fast_variance = use_fast_variance
+    self.promote_dtype = promote_dtype
+
+  def __call__(self, x, mask=None):
+    mean, var = _compute_stats(x, _axes(self.reduction_axes, x.ndim), axis_name=self.axis_name,
+                               axis_index_groups=self.axis_index_groups, use_mean=False,
+                               mask=mask)
+    return _normalize(x, mean, var, _value(self.scale), None, _axes(self.feature_axes, x.ndim),
+                      epsilon=self.epsilon, dtype=self.dtype, promote_dtype=self.promote_dtype)
+
+
+class GroupNorm(Module):
+  """Split the channels into groups and normalise each group (with the spatial axes) per example.
+
+  Give ``num_groups`` (default 32) or ``group_size`` with ``num_groups=None``.
+  Axis 0 is the batch axis; ``reduction_axes`` defaults to every axis between it
+  and the channels.
+  """
+
+  def __init__(self, num_features: int, num_groups: int | None = 32,
+               group_size: int | None = None, *, epsilon: float = 1e-6, dtype=None,
+               param_dtype=jnp.float32, use_bias: bool = True, use_scale: bool = True,
+               bias_init=initializers.zeros_init(), scale_init=initializers.ones_init(),
+               reduction_axes=None, axis_name: str | None = None,
+               axis_index_groups: tp.Any = None, use_fast_variance: bool = True,
+               promote_dtype=_promote_dtype, rngs,
+               bias_metadata: tp.Mapping[str, tp.Any] = _EMPTY,
+               scale_metadata: tp.Mapping[str, tp.Any] = _EMPTY):
+    if (num_groups is None) == (group_size is None):
+      raise ValueError('Either `num_groups` or `group_size` should be specified. If '
+                       '`group_size` is to be specified, pass `num_groups=None` as argument to '
+                       'override the default `num_groups` value of 32.')
+    if num_groups is not None:
+      if num_groups <= 0 or num_features % num_groups != 0:
+        raise ValueError(f'Number of groups ({num_groups}) does not divide the number of '
+                         f'channels ({num_features}).')
+      group_size = num_features // num_groups
+    else:
+      if group_size <= 0 or num_features % group_size != 0:
+        raise ValueError(f'Number of features ({num_features}) is not multiple of the group '
+                         f'size ({group_size}).')
+      num_groups = num_features // group_size
+    _scale_and_bias(self, (num_features,), use_scale=use_scale, use_bias=use_bias,
+                    scale_init=scale_init, bias_init=bias_init, param_dtype=param_dtype,
+                    rngs=rngs, scale_metadata=scale_metadata, bias_metadata=bias_metadata)
+    self.num_features = num_features
+    self.num_groups = num_groups
+    self.group_size = group_size
+    self.epsilon = epsilon
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.use_bias = use_bias
+    self.use_scale = use_scale
+    self.reduction_axes = reduction_axes
+    self.axis_name = axis_name
+    self.axis_index_groups = axis_index_groups
+    self.use_fast_variance = use_fast_variance
+    self.promote_dtype = promote_dtype
+
+  def __call__(self, x, *, mask=None):
+    channels = x.shape[-1]
+    if channels != self.num_features:
+      raise ValueError(f'GroupNorm: input has {channels} channels (last axis) but num_features '
+                       f'is {self.num_features}.')
+    grouped = x.shape[:-1] + (self.num_groups, self.group_size)
+    if self.reduction_axes is None:
+      axes = tuple(range(1, x.ndim - 1))
+    else:
+      axes = tuple(a for a in _axes(self.reduction_axes, x.ndim) if a != x.ndim - 1)
+    # Axes of the grouped view: the chosen ones plus the within-group channel axis.
+    axes = axes + (x.ndim,)
+    xg = jnp.reshape(x, grouped)
+    maskg = None if mask is None else jnp.reshape(mask, grouped)
+    mean, var = _compute_stats(xg, axes, axis_name=self.axis_name,
+                               axis_index_groups=self.axis_index_groups,
+                               use_fast_variance=self.use_fast_variance, mask=maskg)
+    mean = jnp.reshape(jnp.broadcast_to(mean, xg.shape), x.shape)
+    var = jnp.reshape(jnp.broadcast_to(var, xg.shape), x.shape)
+    return _normalize(x, mean, var, _value(self.scale), _value(self.bias), (x.ndim - 1,),
+                      epsilon=self.epsilon, dtype=self.dtype, promote_dtype=self.promote_dtype)
+
+
+class InstanceNorm(Module):
+  """Normalise each channel of each example over its spatial axes (all but axis 0 and ``feature_axes``)."""
+
+  def __init__(self, num_features: int, *, epsilon: float = 1e-6, dtype=None,
+               param_dtype=jnp.float32, use_bias: bool = True, use_scale: bool = True,
+               bias_init=initializers.zeros_init(), scale_init=initializers.ones_init(),
+               feature_axes=-1, axis_name: str | None = None, axis_index_groups: tp.Any = None,
+               use_fast_variance: bool = True, promote_dtype=_promote_dtype, rngs,
+               bias_metadata: tp.Mapping[str, tp.Any] = _EMPTY,
+               scale_metadata: tp.Mapping[str, tp.Any] = _EMPTY):
+    _scale_and_bias(self, (num_features,), use_scale=use_scale, use_bias=use_bias,
+                    scale_init=scale_init, bias_init=bias_init, param_dtype=param_dtype,
+                    rngs=rngs, scale_metadata=scale_metadata, bias_metadata=bias_metadata)
+    self.num_features = num_features
+    self.epsilon = epsilon
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.use_bias = use_bias
+    self.use_scale = use_scale
+    self.feature_axes = feature_axes
+    self.axis_name = axis_name
+    self.axis_index_groups = axis_index_groups
+    self.use_fast_variance = use_fast_variance
+    self.promote_dtype = promote_dtype
+
+  def __call__(self, x, *, mask=None):
+    feature_axes = _axes(self.feature_axes, x.ndim)
+    reduction_axes = tuple(i for i in range(1, x.ndim) if i not in feature_axes)
+    mean, var = _compute_stats(x, reduction_axes, axis_name=self.axis_name,
+                               axis_index_groups=self.axis_index_groups,
+                               use_fast_variance=self.use_fast_variance, mask=mask)
+    return _normalize(x, mean, var, _value(self.scale), _value(self.bias), feature_axes,
+                      epsilon=self.epsilon, dtype=self.dtype, promote_dtype=self.promote_dtype)
+
+
+# -- weight normalisation wrappers ---------------------------------------------
+def _selected_variables(layer, variable_filter) -> list[tuple[tuple, Variable]]:
+  from arbax.api import iter_graph
+  predicate = filterlib.to_predicate(variable_filter)
+  return [(path, v) for path, v in iter_graph(layer)
+          if isinstance(v, Variable) and predicate(path, v)]
+
+
+def _call_with(layer, substitutes: list[tuple[Variable, tp.Any]], *args, **kwargs):
+  """Call ``layer`` with some Variables temporarily holding other values, then restore them.
+
+  Restoring keeps the stored weights the unnormalised ones the optimizer
+  updates; the normalised values exist only inside this call.
+  """
+  originals = [(v, v.get_value()) for v, _ in substitutes]
+  for v, value in substitutes:
+    v.set_value(value)
+  try:
+    return layer(*args, **kwargs)
+  finally:
+    for v, value in originals:
+      v.set_value(value)
+
+
+class WeightNorm(Module):
+  """Reparametrise a layer's weights as ``scale * w / ||w||`` (norms over the non-feature axes).
+
+      >>> import jax.numpy as jnp, arbax as nnx
+      >>> layer = nnx.WeightNorm(nnx.Linear(3, 5, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1))
+      >>> layer(jnp.ones((2, 3))).shape
+      (2, 5)
+      >>> layer.scales[('kernel',)].shape        # one scale per output feature
+      (5,)
+
+  ``variable_filter`` picks the weights (the ``kernel`` by default);
+  ``scales`` maps each one's path to its scale Param (``None`` with
+  ``use_scale=False``); ``feature_axes=None`` normalises the whole weight.
+  """
+
+  def __init__(self, layer_instance: Module, *, feature_axes=-1, use_scale: bool = True,
+               scale_init=initializers.ones_init(), epsilon: float = 1e-12, dtype=None,
+               param_dtype=jnp.float32,
+               variable_filter: filterlib.Filter = filterlib.PathContains('kernel', exact=True),
+               promote_dtype=_promote_dtype, rngs):
+    self.layer_instance = layer_instance
+    self.feature_axes = feature_axes
+    self.use_scale = use_scale
+    self.scale_init = scale_init
+    self.epsilon = epsilon
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.variable_filter = variable_filter
+    self.promote_dtype = promote_dtype
+    if use_scale:
+      scales = {}
+      for path, v in _selected_variables(layer_instance, variable_filter):
+        shape = tuple(v.shape[a] for a in self._feature_axes(v.ndim))
+        scales[path] = Param(scale_init(rngs.params(), shape, param_dtype))
+      self.scales = scales
+    else:
+      self.scales = None
+
+  def _feature_axes(self, ndim: int) -> tuple[int, ...]:
+    return () if self.feature_axes is None else _axes(self.feature_axes, ndim)
+
+  def _normalized(self, path, w):
+    feature_axes = self._feature_axes(w.ndim)
+    scale = self.scales[path][...] if self.scales is not None else None
+    w, scale = self.promote_dtype((w, scale), dtype=self.dtype)
+    reduce = tuple(i for i in range(w.ndim) if i not in feature_axes)
+    w = w * lax.rsqrt(jnp.sum(_abs_sq(w), reduce, keepdims=True) + self.epsilon)
+    if scale is not None:
+      w = w * jnp.reshape(scale, _feature_shape(w.shape, feature_axes))
+    return w
+
+  def __call__(self, x, *args, **kwargs):
+    selected = _selected_variables(self.layer_instance, self.variable_filter)
+    substitutes = [(v, self._normalized(path, v.get_value())) for path, v in selected]
+    return _call_with(self.layer_instance, substitutes, x, *args, **kwargs)
+
+
+def _l2_normalize(x, epsilon):
+  return x * lax.rsqrt(jnp.sum(_abs_sq(x)) + epsilon)
+
+
+class SpectralNorm(Module):
+  """Divide a layer's weights by their largest singular value, estimated by power iteration.
+
+      >>> import jax.numpy as jnp, arbax as nnx
+      >>> layer = nnx.SpectralNorm(nnx.Linear(3, 5, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1))
+      >>> layer(jnp.ones((2, 3))).shape
+      (2, 5)
+      >>> sorted(layer.batch_stats)          # the 1D bias is left alone
+      [('kernel', 'sigma'), ('kernel', 'u')]
+
+  Every Param with two or more dimensions is normalised (higher-rank ones are
+  viewed as ``(-1, last_dim)`` matrices unless ``error_on_non_matrix``). The
+  power-iteration vector ``u`` and the estimate ``sigma`` are BatchStats in
+  ``batch_stats``, keyed ``(*path, 'u')`` / ``(*path, 'sigma')``; they are
+  updated on each call unless ``update_stats=False`` (``model.eval()``).
+  """
+
+  def __init__(self, layer_instance: Module, *, n_steps: int = 1, epsilon: float = 1e-12,
+               dtype=None, param_dtype=jnp.float32, error_on_non_matrix: bool = False,
+               update_stats: bool = True, rngs):
+    self.layer_instance = layer_instance
+    self.n_steps = n_steps
+    self.epsilon = epsilon
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.error_on_non_matrix = error_on_non_matrix
+    self.use_running_average = not update_stats
+    u_init = initializers.normal(0.01)
+    stats = {}
+    for path, v in _selected_variables(layer_instance, Param):
+      if not self._is_normalized(path, v.ndim):
+        continue
+      stats[(*path, 'u')] = BatchStat(u_init(rngs.params(), (1, v.shape[-1]), param_dtype))
+      stats[(*path, 'sigma')] = BatchStat(jnp.ones((), param_dtype))
+    self.batch_stats = stats
+
+  def _is_normalized(self, path, ndim: int) -> bool:
+    if ndim <= 1 or self.n_steps < 1:
+      return False
+    if ndim > 2 and self.error_on_non_matrix:
+      raise ValueError(f'Layer instance parameter is {ndim}D but error_on_non_matrix is True '
+                       f'(parameter at {"/".join(map(str, path))}).')
+    return True
+
+  def _normalized(self, path, w, update_stats: bool):
+    matrix = jnp.reshape(w, (-1, w.shape[-1]))
+    u_stat = self.batch_stats[(*path, 'u')]
+    u = u_stat[...]
+    (matrix, u) = _promote_dtype((matrix, u), dtype=self.dtype)
+    for _ in range(self.n_steps):
+      v = _l2_normalize(u @ matrix.T, self.epsilon)
+      u = _l2_normalize(v @ matrix, self.epsilon)
+    # The iteration only estimates directions: no gradient flows through u and v.
+    u, v = lax.stop_gradient(u), lax.stop_gradient(v)
+    sigma = jnp.reshape(v @ matrix @ u.T, ())
+    if update_stats:
+      u_stat[...] = u
+      self.batch_stats[(*path, 'sigma')][...] = sigma
+    return jnp.reshape(matrix / sigma, w.shape)
+
+  def __call__(self, x, update_stats: bool | None = None):
+    update = (not self.use_running_average) if update_stats is None else update_stats
+    substitutes = []
+    for path, v in _selected_variables(self.layer_instance, Param):
+      if (*path, 'u') in self.batch_stats:
+        substitutes.append((v, self._normalized(path, v.get_value(), update)))
+    return _call_with(self.layer_instance, substitutes, x)
+
+
+__all__ = ['BatchNorm', 'LayerNorm', 'RMSNorm', 'GroupNorm', 'InstanceNorm', 'WeightNorm',
+           'SpectralNorm']

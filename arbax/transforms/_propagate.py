@@ -85,9 +85,9 @@ class CallKey:
 class Plan:
   """How one call's arguments map to leaves; reused while the graph arguments are unchanged."""
 
-  __slots__ = ('key', 'epoch', 'graph_objs', 'items', 'groups', 'kinds', 'variables')
+  __slots__ = ('key', 'epoch', 'graph_objs', 'items', 'groups', 'kinds', 'variables', 'slots')
 
-  def __init__(self, key, epoch, graph_objs, items, groups, kinds):
+  def __init__(self, key, epoch, graph_objs, items, groups, kinds, positions):
     self.key = key
     self.epoch = epoch
     self.graph_objs = graph_objs   # ((position, object), ...) checked by identity
@@ -95,6 +95,18 @@ class Plan:
     self.groups = groups           # per graph argument: (start, stop) into items
     self.kinds = kinds             # per argument position: PLAIN / GRAPH / STATIC_ARG
     self.variables = [x for x in items if isinstance(x, Variable)]
+    # What split_inputs emits, precomputed: (items of a graph argument, all of them Variables?)
+    # or (None, position of a plain argument).
+    slots = []
+    group_iter = iter(groups)
+    for pos, kind in zip(positions, kinds):
+      if kind == GRAPH:
+        a, b = next(group_iter)
+        group = items[a:b]
+        slots.append((group, all(isinstance(x, Variable) for x in group)))
+      elif kind == PLAIN:
+        slots.append((None, pos))
+    self.slots = tuple(slots)
 
   def leaves(self) -> list:
     return [x._value if isinstance(x, Variable) else x for x in self.items]
@@ -148,7 +160,8 @@ def make_plan(args: tuple, kwargs: dict, *, graph: bool, static_positions: froze
   identity = tuple((pos, value) for pos, value in graph_objs if isinstance(value, (Pytree, Variable)))
   if len(identity) != len(graph_objs):
     identity = None  # a container holding objects: re-walk every call
-  return Plan(key, _settings.EPOCH[0], identity, fl.leaves, groups, tuple(kinds))
+  return Plan(key, _settings.EPOCH[0], identity, fl.leaves, groups, tuple(kinds),
+              [pos for pos, _ in entries])
 
 
 def _hashable_statics(statics):
@@ -189,15 +202,14 @@ def split_inputs(plan: Plan, args: tuple, kwargs: dict) -> list:
 
   Graph arguments become their list of leaf values; plain ones pass unchanged.
   """
-  leaves = plan.leaves()
-  groups = iter(plan.groups)
   out = []
-  for (pos, value), kind in zip(_positions(args, kwargs), plan.kinds):
-    if kind == GRAPH:
-      a, b = next(groups)
-      out.append(leaves[a:b])
-    elif kind == PLAIN:
-      out.append(value)
+  for group, how in plan.slots:
+    if group is None:
+      out.append(args[how] if how.__class__ is int else kwargs[how])
+    elif how:
+      out.append([v._value for v in group])
+    else:
+      out.append([x._value if isinstance(x, Variable) else x for x in group])
   return out
 
 
@@ -311,3 +323,24 @@ def build_output(out_def, out_leaves):
   if out_def[0] == STATIC if isinstance(out_def, tuple) else False:
     return out_def[1]
   return unflatten(out_def, out_leaves)
+
+
+def run(fun: tp.Callable, key: CallKey, inputs: tp.Sequence, *, graph: bool,
+        keep: tp.Container[int] = ()) -> Output:
+  """Inside a JAX transform: rebuild the arguments, call ``fun``, return its updates and output.
+
+  The body of every transform whose JAX function maps inputs to one ``Output``
+  (jit, remat, cond branches, eval_shape, checkify, ...).
+  """
+  args, kwargs, in_leaves, inner_items = rebuild(key, inputs)
+  out = fun(*args, **kwargs)
+  changed, values = collect_updates(in_leaves, inner_items, keep=keep)
+  out_def, out_leaves = flatten_output(out, graph=graph)
+  return Output(changed, out_def, values, out_leaves)
+
+
+def finish(plan: Plan, result: Output):
+  """After the JAX call returned: write the changed Variables back, build the user's output."""
+  if result.changed:
+    plan.write_back(result.changed, result.values)
+  return build_output(result.out_def, result.out_leaves)

@@ -22,9 +22,12 @@ import inspect
 import typing as tp
 
 import jax
+from jax.sharding import PartitionSpec
 
 from arbax import _settings
+from arbax.graph import flatten
 from arbax.pytree import Pytree
+from arbax.sharding import constrain, leaf_shardings
 from arbax.transforms import _propagate as prop
 
 
@@ -64,12 +67,7 @@ class JitWrapped:
 
   # -- the traced function --
   def _inner(self, key: prop.CallKey, *inputs):
-    args, kwargs, in_leaves, inner_items = prop.rebuild(key, inputs)
-    out = self.fun(*args, **kwargs)
-    keep = key.extra or ()
-    changed, values = prop.collect_updates(in_leaves, inner_items, keep=keep)
-    out_def, out_leaves = prop.flatten_output(out, graph=self.graph)
-    return prop.Output(changed, out_def, values, out_leaves)
+    return prop.run(self.fun, key, inputs, graph=self.graph, keep=key.extra or ())
 
   def _static_positions(self, args, kwargs) -> frozenset:
     positions = set()
@@ -117,13 +115,26 @@ class JitWrapped:
   def _get_jitted(self, donated: tuple):
     jitted = self._jitted.get(donated)
     if jitted is None:
-      kwargs = dict(self._jit_kwargs)
-      if self._in_shardings is not None:
-        kwargs['in_shardings'] = self._in_shardings
-      if self._out_shardings is not None:
-        kwargs['out_shardings'] = self._out_shardings
-      jitted = jax.jit(self._inner, static_argnums=(0,), donate_argnums=donated, **kwargs)
+      jitted = jax.jit(self._inner, static_argnums=(0,), donate_argnums=donated,
+                       **self._jit_kwargs)
       self._jitted[donated] = jitted
+    return jitted
+
+  # -- shardings: mapped onto the leaf lists the inner function takes --
+  def _has_shardings(self) -> bool:
+    return self._in_shardings is not None or self._out_shardings is not None
+
+  def _get_sharded_jitted(self, plan: prop.Plan, donated: tuple, args, kwargs):
+    """A ``jax.jit`` for this plan: in_shardings per leaf; outputs and updates constrained inside."""
+    dyn_shardings, leaf_specs = _input_shardings(self._in_shardings, plan, args, kwargs,
+                                                 self.graph, self._static_positions(args, kwargs))
+    cache_key = (donated, plan.key, tuple(leaf_specs))
+    jitted = self._jitted.get(cache_key)
+    if jitted is None:
+      inner = functools.partial(_inner_sharded, self, tuple(leaf_specs))
+      jitted = jax.jit(inner, static_argnums=(0,), donate_argnums=donated,
+                       in_shardings=tuple(dyn_shardings), **self._jit_kwargs)
+      self._jitted[cache_key] = jitted
     return jitted
 
   def _prepare(self, args, kwargs):
@@ -136,16 +147,16 @@ class JitWrapped:
       if keep:
         plan.key = prop.CallKey(plan.key.graphdef, plan.key.kinds, plan.key.kw_names,
                                 plan.key.group_sizes, plan.key.statics, frozenset(keep))
-      self._last_jitted = self._get_jitted(donated)
+      if self._has_shardings():
+        self._last_jitted = self._get_sharded_jitted(plan, donated, args, kwargs)
+      else:
+        self._last_jitted = self._get_jitted(donated)
       self._plan = plan
     return plan, self._last_jitted
 
   def __call__(self, *args, **kwargs):
     plan, jitted = self._prepare(args, kwargs)
-    result = jitted(plan.key, *prop.split_inputs(plan, args, kwargs))
-    if result.changed:
-      plan.write_back(result.changed, result.values)
-    return prop.build_output(result.out_def, result.out_leaves)
+    return prop.finish(plan, jitted(plan.key, *prop.split_inputs(plan, args, kwargs)))
 
   def __get__(self, obj, objtype=None):
     if obj is None:
@@ -189,6 +200,79 @@ def jit(fun: tp.Callable | None = None, *, in_shardings=None, out_shardings=None
     wrapped = JitWrapped(fun.__func__, **_shift_static(options))
     return functools.partial(wrapped, self_obj)
   return JitWrapped(fun, **options)
+
+
+def plan_paths(plan: prop.Plan, args: tuple, kwargs: dict, graph: bool) -> list:
+  """Per graph argument of ``plan``: ``(first leaf index, paths of its leaves inside the argument)``."""
+  positional: list = [None] * len(args)
+  named: dict = {}
+  for (pos, value), kind in zip(prop._positions(args, kwargs), plan.kinds):
+    if kind == prop.GRAPH:
+      if isinstance(pos, int):
+        positional[pos] = value
+      else:
+        named[pos] = value
+  # the same walk make_plan did, so leaves line up with plan.items
+  fl = flatten((tuple(positional), named), graph=graph, context='sharding')
+  return [(a, [p[2:] for p in fl.paths[a:b]]) for a, b in plan.groups]
+
+
+def _user_specs(in_shardings, args: tuple, kwargs: dict, statics: frozenset) -> dict:
+  """The user's in_shardings per argument position (positional only, like jax.jit)."""
+  if in_shardings is None:
+    return {}
+  if not isinstance(in_shardings, (tuple, list)) or isinstance(in_shardings, PartitionSpec):
+    return {i: in_shardings for i in range(len(args)) if i not in statics}
+  dynamic = [i for i in range(len(args)) if i not in statics]
+  if len(in_shardings) == len(args):
+    return {i: in_shardings[i] for i in dynamic}
+  if len(in_shardings) == len(dynamic):
+    return dict(zip(dynamic, in_shardings))
+  raise ValueError(f'nnx.jit: in_shardings has {len(in_shardings)} entries, but the function was '
+                   f'called with {len(args)} positional arguments ({len(dynamic)} not static). '
+                   'Give one entry per positional argument.')
+
+
+def _input_shardings(in_shardings, plan: prop.Plan, args, kwargs, graph: bool, statics):
+  """``jax.jit`` in_shardings for the dynamic inputs, and the sharding of every graph leaf."""
+  specs = _user_specs(in_shardings, args, kwargs, statics)
+  leaf_specs: list = [None] * len(plan.items)
+  groups = iter(plan_paths(plan, args, kwargs, graph) if prop.GRAPH in plan.kinds else ())
+  dyn = []
+  for (pos, _), kind in zip(prop._positions(args, kwargs), plan.kinds):
+    if kind == prop.STATIC_ARG:
+      continue
+    spec = specs.get(pos)
+    if kind == prop.GRAPH:
+      start, paths = next(groups)
+      resolved = leaf_shardings(spec, paths, plan.items[start:start + len(paths)],
+                                f'nnx.jit in_shardings[{pos}]')
+      leaf_specs[start:start + len(paths)] = resolved
+      dyn.append(resolved)
+    else:
+      dyn.append(spec)
+  return dyn, leaf_specs
+
+
+def _inner_sharded(self: JitWrapped, leaf_specs: tuple, key: prop.CallKey, *inputs):
+  """``JitWrapped._inner`` plus sharding constraints on the updates and the output."""
+  args, kwargs, in_leaves, inner_items = prop.rebuild(key, inputs)
+  out = self.fun(*args, **kwargs)
+  changed, values = prop.collect_updates(in_leaves, inner_items, keep=key.extra or ())
+  # an updated Variable keeps the sharding its argument came in with
+  values = [_constrained(v, leaf_specs[i]) for i, v in zip(changed, values)]
+  out_def, out_leaves = prop.flatten_output(out, graph=self.graph)
+  if self._out_shardings is not None:
+    paths = getattr(out_def, 'leaf_paths', None) or [()] * len(out_leaves)
+    specs = leaf_shardings(self._out_shardings, paths, out_leaves, 'nnx.jit out_shardings')
+    out_leaves = [_constrained(v, s) for v, s in zip(out_leaves, specs)]
+  return prop.Output(changed, out_def, values, out_leaves)
+
+
+def _constrained(value, sharding):
+  if sharding is None or not isinstance(value, jax.Array):
+    return value
+  return constrain(value, sharding)
 
 
 def _shift_static(options: dict) -> dict:

@@ -1,0 +1,225 @@
+"""nnx.cond / switch / eval_shape / checkify / make_jaxpr / cached_partial: values and state."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental import checkify as checkify_lib
+
+import arbax as nnx
+
+
+class Count(nnx.Variable):
+  pass
+
+
+class Acc(nnx.Module):
+  """A running total and a call counter."""
+
+  def __init__(self, seed: int = 0):
+    # strong dtypes: a weak-typed start would change type on the first update (a retrace)
+    self.total = nnx.BatchStat(jnp.zeros((), jnp.float32))
+    self.calls = Count(jnp.zeros((), jnp.int32))
+    self.w = nnx.Param(jax.random.normal(jax.random.key(seed), (2,)))
+
+
+def add(acc, x):
+  acc.total[...] += jnp.sum(x)
+  acc.calls[...] += 1
+  return x * 2
+
+
+def sub(acc, x):
+  acc.total[...] -= jnp.sum(x)
+  return -x
+
+
+def assert_close(a, b):
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+
+
+# -- cond / switch ------------------------------------------------------------
+@pytest.mark.parametrize('pred', [True, jnp.array(True)])
+def test_cond_true_branch_updates_state(pred):
+  acc = Acc()
+  y = nnx.cond(pred, add, sub, acc, jnp.array([1.0, 2.0]))
+  assert_close(y, [2.0, 4.0])
+  assert float(acc.total[...]) == 3.0
+  assert int(acc.calls[...]) == 1
+
+
+def test_cond_false_branch_leaves_other_variables():
+  acc = Acc()
+  y = nnx.cond(jnp.array(False), add, sub, acc, jnp.array([1.0, 2.0]))
+  assert_close(y, [-1.0, -2.0])
+  assert float(acc.total[...]) == -3.0
+  assert int(acc.calls[...]) == 0                  # only the taken branch's updates apply
+
+
+def test_cond_inside_jit_traces_once():
+  acc = Acc()
+  traces = []
+
+  @nnx.jit
+  def step(acc, flag, x):
+    traces.append(1)
+    return nnx.cond(flag, add, sub, acc, x)
+
+  x = jnp.ones(2)
+  step(acc, jnp.array(True), x)
+  step(acc, jnp.array(True), x)
+  step(acc, jnp.array(False), x)
+  assert len(traces) == 1
+  assert float(acc.total[...]) == 2.0
+  assert int(acc.calls[...]) == 2
+
+
+def test_switch_selects_and_clamps():
+  acc = Acc()
+  branches = [add, sub, lambda acc, x: x]
+  assert_close(nnx.switch(1, branches, acc, jnp.ones(2)), -jnp.ones(2))
+  assert float(acc.total[...]) == -2.0
+  assert_close(nnx.switch(jnp.array(7), branches, acc, jnp.ones(2)), jnp.ones(2))  # clamped to 2
+  assert_close(nnx.switch(jnp.array(-3), branches, acc, jnp.ones(2)), 2 * jnp.ones(2))  # to 0
+  assert float(acc.total[...]) == 0.0
+  assert int(acc.calls[...]) == 1
+
+
+def test_cond_branches_must_agree():
+  with pytest.raises(TypeError):
+    nnx.cond(jnp.array(True), lambda a, x: x, lambda a, x: (x, x), Acc(), jnp.ones(2))
+
+
+def test_cond_failure_leaves_state_untouched():
+  acc = Acc()
+
+  def bad(acc, x):
+    acc.calls[...] += 1
+    raise RuntimeError('boom')
+
+  with pytest.raises(RuntimeError, match='boom'):
+    nnx.cond(jnp.array(True), add, bad, acc, jnp.ones(2))
+  assert int(acc.calls[...]) == 0
+  assert float(acc.total[...]) == 0.0
+
+
+def test_cond_shared_variables():
+  v = nnx.BatchStat(jnp.array(1.0))
+  d = nnx.Dict(a=v, b=v)
+
+  def bump(d):
+    d['a'][...] += 1.0
+    return d['b'][...]
+
+  with pytest.raises(ValueError) as info:
+    nnx.cond(True, bump, bump, d)
+  assert 'a' in str(info.value) and 'b' in str(info.value)
+  assert float(v[...]) == 1.0
+  out = nnx.cond(jnp.array(True), bump, bump, d, graph=True)
+  assert float(out) == 2.0                          # the write through .a is seen through .b
+  assert float(v[...]) == 2.0
+
+
+def test_grad_through_cond():
+  acc = Acc()
+  x = jnp.array([0.5, 1.5])
+  grads = nnx.grad(lambda a: nnx.cond(True, lambda a: jnp.sum(a.w * x) ** 2, lambda a: 0.0, a))(acc)
+  assert_close(grads['w'][...], 2 * jnp.sum(acc.w[...] * x) * x)
+
+
+# -- eval_shape ---------------------------------------------------------------
+class Tiny(nnx.Module):
+  def __init__(self, din, dout, *, rngs):
+    self.kernel = nnx.Param(jax.random.normal(rngs.params(), (din, dout)))
+    self.bias = nnx.Param(jnp.zeros((dout,)))
+    self.steps = Count(jnp.array(0))
+    self.din = din
+
+  def __call__(self, x):
+    self.steps[...] += 1
+    return x @ self.kernel + self.bias
+
+
+def test_eval_shape_builds_an_abstract_model():
+  model = nnx.eval_shape(lambda: Tiny(2, 3, rngs=nnx.Rngs(0)))
+  assert isinstance(model, Tiny)
+  assert isinstance(model.kernel, nnx.Param)
+  kernel = model.kernel.get_value()
+  assert isinstance(kernel, jax.ShapeDtypeStruct)
+  assert kernel.shape == (2, 3) and kernel.dtype == jnp.float32
+  assert model.bias.get_value().shape == (3,)
+  assert model.din == 2
+  graphdef, state = nnx.split(model)
+  assert [p for p, _ in state.flat_state()] == [('bias',), ('kernel',), ('steps',)]
+
+
+def test_eval_shape_of_a_call_leaves_arguments_unchanged():
+  model = Tiny(2, 3, rngs=nnx.Rngs(0))
+  out = nnx.eval_shape(lambda m, x: m(x), model, jnp.ones((5, 2)))
+  assert out == jax.ShapeDtypeStruct((5, 3), jnp.float32)
+  assert int(model.steps[...]) == 0
+  assert isinstance(model.kernel.get_value(), jax.Array)
+  kw = nnx.eval_shape(lambda x, *, scale: x * scale, jnp.ones(4), scale=2.0)
+  assert kw.shape == (4,)
+
+
+# -- checkify -----------------------------------------------------------------
+def checked_step(acc, x):
+  checkify_lib.check(jnp.all(x > 0), 'x must be positive')
+  return add(acc, x)
+
+
+def test_checkify_reports_errors_and_propagates_state():
+  acc = Acc()
+  err, y = nnx.checkify(checked_step)(acc, jnp.ones(2))
+  assert err.get() is None
+  assert_close(y, 2 * jnp.ones(2))
+  err, _ = nnx.checkify(checked_step)(acc, -jnp.ones(2))
+  assert 'x must be positive' in err.get()
+  with pytest.raises(checkify_lib.JaxRuntimeError, match='positive'):
+    err.throw()
+  assert int(acc.calls[...]) == 2                  # updates apply whether or not a check failed
+  assert float(acc.total[...]) == 0.0
+
+
+def test_checkify_other_error_sets():
+  err, _ = nnx.checkify(lambda x: x / 0.0, errors=checkify_lib.float_checks)(jnp.ones(2))
+  assert 'division by zero' in err.get()
+
+
+# -- make_jaxpr ---------------------------------------------------------------
+def test_make_jaxpr_of_a_module_call():
+  model = Tiny(2, 3, rngs=nnx.Rngs(0))
+  jaxpr = nnx.make_jaxpr(lambda m, x: m(x))(model, jnp.ones((1, 2)))
+  assert isinstance(jaxpr, jax.extend.core.ClosedJaxpr)
+  assert [v.aval.shape for v in jaxpr.jaxpr.invars] == [(3,), (2, 3), (), (1, 2)]
+  assert [v.aval.shape for v in jaxpr.jaxpr.outvars] == [(1, 3)]
+  assert int(model.steps[...]) == 0                 # traced, not applied
+
+
+def test_make_jaxpr_static_argnums_and_graph_updates():
+  jaxpr = nnx.make_jaxpr(lambda x, n: x ** n, static_argnums=1)(jnp.ones(2), 3)
+  assert len(jaxpr.jaxpr.invars) == 1
+  assert 'integer_pow' in str(jaxpr) and 'y=3' in str(jaxpr)
+  with pytest.raises(ValueError, match='graph_updates=True'):
+    nnx.make_jaxpr(lambda x: x, graph_updates=True)
+
+
+# -- cached_partial -----------------------------------------------------------
+def test_cached_partial_matches_direct_calls():
+  a, b = Tiny(2, 3, rngs=nnx.Rngs(0)), Tiny(2, 3, rngs=nnx.Rngs(0))
+  traces = []
+
+  @nnx.jit
+  def step(m, x):
+    traces.append(1)
+    grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(m)
+    nnx.update(m, jax.tree.map(lambda p, g: p - 0.1 * g, nnx.state(m, nnx.Param), grads))
+    return jnp.sum(m(x))
+
+  cached = nnx.cached_partial(step, a)
+  x = jnp.ones((4, 2))
+  for _ in range(3):
+    assert_close(cached(x), step(b, x))
+  assert_close(a.kernel[...], b.kernel[...])
+  assert int(a.steps[...]) == 6
+  assert len(traces) == 1

@@ -1,0 +1,388 @@
+"""Variable: value access, array protocol, metadata, pytree behaviour, copies, var_defaults."""
+import copy
+import operator
+import pickle
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import arbax as nnx
+
+KINDS = [nnx.Variable, nnx.Param, nnx.BatchStat, nnx.Cache, nnx.Intermediate, nnx.Perturbation]
+
+
+class Count(nnx.Variable):
+  pass
+
+
+# -- value access --------------------------------------------------------------
+@pytest.mark.parametrize('kind', KINDS + [Count])
+def test_every_kind_holds_a_value_and_is_a_variable(kind):
+  v = kind(jnp.arange(3.0))
+  assert isinstance(v, nnx.Variable) and type(v) is kind
+  np.testing.assert_array_equal(v[...], [0.0, 1.0, 2.0])
+  np.testing.assert_array_equal(v.value, [0.0, 1.0, 2.0])
+  np.testing.assert_array_equal(v.get_value(), [0.0, 1.0, 2.0])
+
+
+@pytest.mark.parametrize('value', [3, 2.5, 'text', None, [1, 2], (1, 2), {'a': 1}])
+def test_holds_any_value_and_ellipsis_reads_it_whole(value):
+  v = nnx.Variable(value)
+  assert v[...] == value and v.value == value and v.get_value() == value
+
+
+def test_ellipsis_write_replaces_the_value_seen_by_every_holder():
+  v = nnx.Param(jnp.zeros(3))
+  holder = [v]
+  v[...] = jnp.ones(3)
+  np.testing.assert_array_equal(holder[0][...], np.ones(3))
+  v[...] += 2
+  np.testing.assert_array_equal(v[...], np.full(3, 3.0))
+
+
+def test_index_read_and_write_on_arrays():
+  v = nnx.Variable(jnp.arange(6.0).reshape(2, 3))
+  np.testing.assert_array_equal(v[1], [3.0, 4.0, 5.0])
+  assert float(v[0, 2]) == 2.0
+  v[1] = jnp.zeros(3)
+  v[0, 0] = 10.0
+  np.testing.assert_array_equal(v[...], [[10.0, 1.0, 2.0], [0.0, 0.0, 0.0]])
+
+
+def test_index_write_on_numpy_and_lists_does_not_mutate_the_old_value():
+  old = np.zeros(3)
+  v = nnx.Variable(old)
+  v[1] = 5.0
+  np.testing.assert_array_equal(v[...], [0.0, 5.0, 0.0])
+  np.testing.assert_array_equal(old, np.zeros(3))
+  items = [1, 2, 3]
+  w = nnx.Variable(items)
+  w[0] = 9
+  assert w[...] == [9, 2, 3] and items == [1, 2, 3]
+
+
+def test_index_write_on_a_scalar_raises_type_error():
+  v = nnx.Variable(3)
+  with pytest.raises(TypeError, match='int'):
+    v[0] = 1
+
+
+def test_value_property_and_set_value():
+  v = nnx.Param(jnp.zeros(2))
+  v.value = jnp.ones(2)
+  np.testing.assert_array_equal(v[...], np.ones(2))
+  v.set_value(jnp.full(2, 4.0))
+  np.testing.assert_array_equal(v.get_value(), np.full(2, 4.0))
+  v.set_value(7.0, index=0)
+  np.testing.assert_array_equal(v[...], [7.0, 4.0])
+  assert float(v.get_value(index=1)) == 4.0
+
+
+def test_assigning_a_variable_stores_its_value_not_the_box():
+  a, b = nnx.Param(jnp.zeros(2)), nnx.Param(jnp.ones(2))
+  a[...] = b
+  assert not isinstance(a.get_value(), nnx.Variable)
+  np.testing.assert_array_equal(a[...], np.ones(2))
+
+
+def test_constructing_from_a_variable_unwraps_and_merges_metadata():
+  inner = nnx.Param(jnp.ones(2), tag='x')
+  outer = nnx.BatchStat(inner, other=1)
+  assert not isinstance(outer.get_value(), nnx.Variable)
+  assert outer.tag == 'x' and outer.other == 1
+
+
+# -- array protocol ------------------------------------------------------------
+BINARY = [operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv,
+          operator.mod, operator.pow]
+BITWISE = [operator.and_, operator.or_, operator.xor, operator.lshift, operator.rshift]
+COMPARE = [operator.lt, operator.le, operator.gt, operator.ge, operator.eq, operator.ne]
+
+
+@pytest.mark.parametrize('op', BINARY + COMPARE)
+def test_arithmetic_and_comparison_forward_and_reflected(op):
+  x, y = jnp.array([1.0, 2.0, 5.0]), jnp.array([2.0, 2.0, 3.0])
+  v = nnx.Variable(x)
+  np.testing.assert_allclose(op(v, y), op(x, y))
+  np.testing.assert_allclose(op(y, v), op(y, x))
+  np.testing.assert_allclose(op(v, nnx.Variable(y)), op(x, y))
+
+
+@pytest.mark.parametrize('op', BITWISE)
+def test_bitwise_forward_and_reflected(op):
+  x, y = jnp.array([1, 6, 12]), jnp.array([3, 1, 2])
+  v = nnx.Variable(x)
+  np.testing.assert_array_equal(op(v, y), op(x, y))
+  np.testing.assert_array_equal(op(y, v), op(y, x))
+
+
+@pytest.mark.parametrize('op,iop', [(operator.add, operator.iadd), (operator.sub, operator.isub),
+                                    (operator.mul, operator.imul),
+                                    (operator.truediv, operator.itruediv),
+                                    (operator.floordiv, operator.ifloordiv),
+                                    (operator.mod, operator.imod), (operator.pow, operator.ipow)])
+def test_inplace_operators_update_the_same_variable(op, iop):
+  x, y = jnp.array([4.0, 9.0]), jnp.array([2.0, 3.0])
+  v = nnx.Param(x, tag='t')
+  alias = v
+  result = iop(v, y)
+  assert result is alias and type(result) is nnx.Param and result.tag == 't'
+  np.testing.assert_allclose(alias[...], op(x, y))
+
+
+@pytest.mark.parametrize('op,iop', [(operator.and_, operator.iand), (operator.or_, operator.ior),
+                                    (operator.xor, operator.ixor), (operator.lshift, operator.ilshift),
+                                    (operator.rshift, operator.irshift)])
+def test_inplace_bitwise_operators(op, iop):
+  x, y = jnp.array([5, 12]), jnp.array([3, 2])
+  v = nnx.Variable(x)
+  assert iop(v, y) is v
+  np.testing.assert_array_equal(v[...], op(x, y))
+
+
+def test_matmul_forward_reflected_inplace_and_divmod():
+  a, b = jnp.arange(6.0).reshape(2, 3), jnp.ones((3, 2))
+  v = nnx.Variable(a)
+  np.testing.assert_allclose(v @ b, a @ b)
+  np.testing.assert_allclose(jnp.ones((4, 2)) @ v, jnp.ones((4, 2)) @ a)
+  sq = nnx.Variable(jnp.eye(2) * 2)
+  sq @= jnp.eye(2) * 3
+  np.testing.assert_allclose(sq[...], jnp.eye(2) * 6)
+  q, r = divmod(nnx.Variable(jnp.array(7)), 3)
+  assert (int(q), int(r)) == (2, 1)
+  q, r = divmod(7, nnx.Variable(jnp.array(3)))
+  assert (int(q), int(r)) == (2, 1)
+
+
+def test_unary_operators_and_conversions():
+  x = jnp.array([-1.5, 2.0])
+  v = nnx.Variable(x)
+  np.testing.assert_array_equal(-v, -x)
+  np.testing.assert_array_equal(+v, x)
+  np.testing.assert_array_equal(abs(v), jnp.abs(x))
+  np.testing.assert_array_equal(~nnx.Variable(jnp.array([0, 5])), ~jnp.array([0, 5]))
+  s = nnx.Variable(jnp.array(3))
+  assert bool(s) is True and not bool(nnx.Variable(jnp.array(0)))
+  assert int(s) == 3 and float(s) == 3.0 and complex(s) == 3 + 0j
+  assert ['a', 'b', 'c', 'd'][s] == 'd'
+  assert round(nnx.Variable(2.567), 1) == 2.6
+
+
+def test_len_iter_contains():
+  v = nnx.Variable(jnp.arange(6).reshape(3, 2))
+  assert len(v) == 3
+  rows = list(v)
+  assert len(rows) == 3 and rows[2].tolist() == [4, 5]
+  assert 2 in nnx.Variable([1, 2, 3])
+
+
+def test_array_attributes_are_forwarded():
+  v = nnx.Param(jnp.ones((2, 5), jnp.float32))
+  assert v.shape == (2, 5) and v.dtype == jnp.float32 and v.ndim == 2 and v.size == 10
+  assert v.T.shape == (5, 2)
+
+
+def test_array_methods_are_forwarded():
+  x = jnp.arange(6.0).reshape(2, 3)
+  v = nnx.Variable(x)
+  assert float(v.sum()) == 15.0 and float(v.mean()) == 2.5
+  assert float(v.max()) == 5.0 and float(v.min()) == 0.0
+  np.testing.assert_array_equal(v.sum(axis=0), x.sum(axis=0))
+  assert v.reshape(3, 2).shape == (3, 2) and v.reshape(-1).shape == (6,)
+  assert v.astype(jnp.int32).dtype == jnp.int32
+  assert v.transpose().shape == (3, 2)
+  np.testing.assert_array_equal(v.at[0, 0].set(9.0)[0, 0], 9.0)
+  np.testing.assert_array_equal(v[...], x)  # methods return new arrays, the Variable is unchanged
+
+
+def test_jnp_functions_accept_variables():
+  x = jnp.array([0.0, 1.0, 2.0])
+  v = nnx.Param(x)
+  np.testing.assert_allclose(jnp.exp(v), jnp.exp(x))
+  np.testing.assert_allclose(jnp.dot(v, v), jnp.dot(x, x))
+  np.testing.assert_allclose(jnp.stack([v, v]), jnp.stack([x, x]))
+  np.testing.assert_allclose(jax.nn.relu(v - 1), jax.nn.relu(x - 1))
+
+
+def test_jitted_functions_accept_variables_as_array_arguments():
+  v = nnx.Param(jnp.arange(3.0))
+  out = jax.jit(lambda a: a * 2)(jnp.asarray(v))
+  np.testing.assert_allclose(out, [0.0, 2.0, 4.0])
+
+
+def test_numpy_conversion():
+  v = nnx.Variable(jnp.arange(4.0))
+  arr = np.asarray(v)
+  assert isinstance(arr, np.ndarray) and arr.tolist() == [0.0, 1.0, 2.0, 3.0]
+  assert np.asarray(v, dtype=np.int64).dtype == np.int64
+  assert np.sum(v) == 6.0
+
+
+def test_unknown_attribute_error_names_the_attribute_and_the_kind():
+  v = nnx.Param(jnp.ones(2))
+  with pytest.raises(AttributeError, match="'Param'.*'nonexistent'"):
+    v.nonexistent
+
+
+def test_variables_hash_by_identity():
+  a, b = nnx.Param(jnp.ones(2)), nnx.Param(jnp.ones(2))
+  assert len({a, b, a}) == 2
+
+
+# -- metadata ------------------------------------------------------------------
+def test_any_keyword_is_metadata_readable_as_attribute():
+  p = nnx.Param(jnp.ones((2, 3)), tag='a', sharding_names=('b', None), custom=[1, 2])
+  assert p.tag == 'a' and p.sharding_names == ('b', None) and p.custom == [1, 2]
+  assert p.get_metadata() == {'tag': 'a', 'sharding_names': ('b', None), 'custom': [1, 2],
+                              'hijax': False, 'ref': False}
+  assert p.get_metadata('tag') == 'a'
+  assert p.get_metadata('missing', None) is None
+  with pytest.raises(KeyError):
+    p.get_metadata('missing')
+
+
+def test_set_metadata_updates_or_replaces():
+  p = nnx.Param(jnp.ones(2), tag='a', keep=1)
+  p.set_metadata(tag='b', new=2)
+  assert p.get_metadata() == {'tag': 'b', 'keep': 1, 'new': 2, 'hijax': False, 'ref': False}
+  p.set_metadata({'only': 3})
+  assert p.get_metadata() == {'only': 3, 'hijax': False, 'ref': False}
+  with pytest.raises(TypeError):
+    p.set_metadata({'a': 1}, b=2)
+
+
+def test_attribute_assignment_sets_metadata_and_del_metadata_removes_it():
+  p = nnx.Param(jnp.ones(2))
+  p.tag = 'z'
+  assert p.get_metadata('tag') == 'z'
+  p.del_metadata('tag')
+  with pytest.raises(AttributeError):
+    p.tag
+
+
+def test_metadata_does_not_leak_between_variables():
+  a = nnx.Param(jnp.ones(1), tag='a')
+  b = nnx.Param(jnp.ones(1), tag='a')
+  a.set_metadata(tag='changed')
+  assert b.tag == 'a'
+
+
+def test_copies_keep_kind_metadata_and_value():
+  p = Count(jnp.arange(3), tag='t')
+  for c in (p.copy(), copy.copy(p), copy.deepcopy(p), pickle.loads(pickle.dumps(p))):
+    assert type(c) is Count and c is not p and c.tag == 't'
+    np.testing.assert_array_equal(c[...], [0, 1, 2])
+  c = p.copy(tag='u')
+  assert c.tag == 'u' and p.tag == 't'
+  r = p.replace(jnp.zeros(3))
+  assert type(r) is Count and r.tag == 't' and r[...].tolist() == [0, 0, 0]
+  assert p[...].tolist() == [0, 1, 2]
+
+
+def test_copy_is_independent_of_the_original():
+  p = nnx.Param(jnp.zeros(2))
+  c = p.copy()
+  c[...] = jnp.ones(2)
+  np.testing.assert_array_equal(p[...], np.zeros(2))
+  d = copy.deepcopy(nnx.Variable([1, 2]))
+  d[0] = 5
+  assert d[...] == [5, 2]
+
+
+# -- pytree --------------------------------------------------------------------
+def test_variable_is_a_pytree_node_with_one_child_named_value():
+  p = nnx.Param(jnp.ones(2), tag='a')
+  leaves_with_path = jax.tree.leaves_with_path(p)
+  assert len(leaves_with_path) == 1
+  path, leaf = leaves_with_path[0]
+  assert jax.tree_util.keystr(path) == '.value'
+  assert isinstance(leaf, jax.Array)
+
+
+def test_tree_map_gives_same_kind_and_metadata():
+  p = Count(jnp.array([1.0, 2.0]), tag='t', other=(1, 2))
+  q = jax.tree.map(lambda x: x * 10, p)
+  assert type(q) is Count and q is not p
+  assert q.get_metadata() == p.get_metadata()
+  np.testing.assert_array_equal(q[...], [10.0, 20.0])
+  np.testing.assert_array_equal(p[...], [1.0, 2.0])
+
+
+def test_treedef_includes_kind_and_metadata():
+  s = jax.tree.structure
+  assert s(nnx.Param(1.0, tag='a')) == s(nnx.Param(2.0, tag='a'))
+  assert s(nnx.Param(1.0, tag='a')) != s(nnx.Param(1.0, tag='b'))
+  assert s(nnx.Param(1.0)) != s(nnx.BatchStat(1.0))
+
+
+def test_model_paths_end_in_value():
+  class Model(nnx.Pytree):
+    def __init__(self):
+      self.w = nnx.Param(jnp.ones(2))
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree.leaves_with_path(Model())]
+  assert paths == ['.w.value']
+
+
+def test_jit_over_a_variable_returns_a_variable_of_the_same_kind():
+  p = nnx.Param(jnp.ones(2), tag='a')
+  out = jax.jit(lambda v: jax.tree.map(lambda x: x + 1, v))(p)
+  assert type(out) is nnx.Param and out.tag == 'a'
+  np.testing.assert_array_equal(out[...], np.full(2, 2.0))
+
+
+def test_writing_an_outer_variable_inside_jit_raises_trace_context_error():
+  p = nnx.Param(jnp.zeros(2))
+
+  @jax.jit
+  def f(x):
+    p[...] = x
+    return x
+
+  with pytest.raises(nnx.TraceContextError, match='Param'):
+    f(jnp.ones(2))
+  np.testing.assert_array_equal(p[...], np.zeros(2))
+
+
+# -- var_defaults / hijax flag -------------------------------------------------
+def test_hijax_and_ref_flags_are_accepted_and_recorded():
+  assert nnx.Variable(1, hijax=False).hijax is False
+  assert nnx.Variable(1).ref is False
+  v = nnx.Variable(1, hijax=True)
+  assert v.hijax is True and v.get_metadata('hijax') is True
+
+
+def test_var_defaults_context_manager_sets_and_restores():
+  assert nnx.var_defaults().hijax is False
+  with nnx.var_defaults(hijax=True):
+    assert nnx.var_defaults().hijax is True
+    assert nnx.Param(jnp.ones(1)).hijax is True
+    assert nnx.Param(jnp.ones(1), hijax=False).hijax is False
+  assert nnx.Param(jnp.ones(1)).hijax is False
+  assert nnx.var_defaults().hijax is False
+
+
+# -- repr ----------------------------------------------------------------------
+def test_repr_shows_count_bytes_value_and_metadata():
+  text = repr(nnx.Param(jnp.ones((2, 5)), tag='k'))
+  lines = text.splitlines()
+  assert lines[0] == 'Param( # 10 (40 B)'
+  assert lines[1] == '  value=Array([[1., 1., 1., 1., 1.],'  # in full at the top, as NNX
+  assert lines[-2:] == ["  tag='k'", ')']
+
+
+def test_repr_inside_a_model_abbreviates_arrays():
+  class Model(nnx.Module):
+    def __init__(self):
+      self.w = nnx.Param(jnp.ones((2, 5)))
+  lines = repr(Model()).splitlines()
+  assert lines[1:4] == ['  w=Param( # 10 (40 B)',
+                        "    value=Array(shape=(2, 5), dtype=dtype('float32'))", '  )']
+
+
+def test_repr_of_scalar_shows_the_value_and_hides_default_flags():
+  text = repr(nnx.Variable(jnp.array(3)))
+  assert text.splitlines()[0] == 'Variable( # 1 (4 B)'
+  assert 'value=Array(3, dtype=int32' in text and 'hijax' not in text
+  assert 'hijax=True' in repr(nnx.Variable(jnp.ones(2), hijax=True))
