@@ -55,10 +55,13 @@ def load_pure_dict(path: str | os.PathLike) -> dict:
   return restore_int_paths(_checkpointer().restore(path))
 
 
-def _metadata_tree(path: str) -> dict:
+def _raw_metadata(path: str) -> dict:
   meta = _checkpointer().metadata(path)
-  tree = getattr(meta, 'item_metadata', None) or getattr(meta, 'tree', None) or meta
-  return restore_int_paths(dict(tree))
+  return dict(getattr(meta, 'item_metadata', None) or getattr(meta, 'tree', None) or meta)
+
+
+def _metadata_tree(path: str) -> dict:
+  return restore_int_paths(_raw_metadata(path))
 
 
 # A Variable may hold a plain Python number; Orbax keeps those as Python numbers.
@@ -73,16 +76,17 @@ def _load_on_host(path: str) -> dict:
   compile again after a restore. ``jnp.asarray`` of host data is uncommitted,
   like the arrays of a freshly built model.
   """
-  import orbax.checkpoint as ocp
-  meta = _checkpointer().metadata(path)
-  tree = getattr(meta, 'item_metadata', None) or getattr(meta, 'tree', None) or meta
-
   def like(m):
-    if isinstance(m, ocp.metadata.ScalarMetadata):
+    if _is_python_number(m):
       return np.zeros((), m.dtype).item()
     return np.empty(m.shape, m.dtype)
 
-  return restore_int_paths(_checkpointer().restore(path, jax.tree.map(like, dict(tree))))
+  return restore_int_paths(_checkpointer().restore(path, jax.tree.map(like, _raw_metadata(path))))
+
+
+def _is_python_number(metadata) -> bool:
+  import orbax.checkpoint as ocp
+  return isinstance(metadata, ocp.metadata.ScalarMetadata)
 
 
 def _key_impl(key):
@@ -96,7 +100,8 @@ def _key_impl(key):
 def _as_target_value(loaded, target_value):
   """A loaded leaf as a value of the target's kind: Python number, array or typed PRNG key."""
   if isinstance(loaded, _PY_SCALARS):
-    return loaded
+    return loaded if isinstance(target_value, _PY_SCALARS) else jax.numpy.asarray(
+        loaded, target_value.dtype)
   data = jax.numpy.asarray(loaded)
   wants_key = (not isinstance(target_value, _PY_SCALARS)
                and jax.dtypes.issubdtype(target_value.dtype, jax.dtypes.prng_key))
@@ -105,11 +110,15 @@ def _as_target_value(loaded, target_value):
   return data
 
 
-def _dtype_fits(got: np.dtype, value, want: np.dtype) -> bool:
-  if isinstance(value, _PY_SCALARS):
-    # A Python number's dtype is only its kind: a trained counter may come back int32.
-    kind = {bool: np.bool_, int: np.integer, float: np.floating, complex: np.complexfloating}
-    return np.issubdtype(got, kind[type(value)] if type(value) in kind else np.number)
+_KINDS = {'b': np.bool_, 'i': np.integer, 'u': np.integer, 'f': np.floating,
+          'c': np.complexfloating}
+
+
+def _dtype_fits(got: np.dtype, value, want: np.dtype, saved_python_number: bool) -> bool:
+  # A Python number's dtype is only its kind: a counter saved as 0 may be int32 after training.
+  if isinstance(value, _PY_SCALARS) or saved_python_number:
+    return np.issubdtype(got, _KINDS.get(want.kind, np.number)) and np.issubdtype(
+        want, _KINDS.get(got.kind, np.number))
   return got == want
 
 
@@ -142,7 +151,7 @@ def _check_compatible(saved: dict, target_state) -> None:
     if got_shape != want_shape:
       raise ValueError(f'restore: {format_path(p)} has shape {got_shape} in the checkpoint but '
                        f'{want_shape} in the target. Build the target with the saved configuration.')
-    if not _dtype_fits(got_dtype, value, want_dtype):
+    if not _dtype_fits(got_dtype, value, want_dtype, _is_python_number(got)):
       raise ValueError(f'restore: {format_path(p)} has dtype {got_dtype} in the checkpoint but '
                        f'{want_dtype} in the target. Build the target with param_dtype={got_dtype}.')
 

@@ -652,9 +652,12 @@ def _evicter(key):
 
 
 def _cacheable(root) -> bool:
+  # Plain lists and dicts can change without bumping the epoch. States are dicts too, but
+  # the ones held by objects (an Optimizer's moments) are made by arbax and never edited
+  # in place, so they may be cached like tuples.
   for _, d in iter_defs(root):
     tag = d[0]
-    if tag == SEQ and d[1] is not tuple or tag == MAP:
+    if tag == SEQ and d[1] is not tuple or tag == MAP and d[1] is not State:
       return False
     if tag == JAXNODE and not issubclass(d[1].node_data()[0], tuple):
       return False

@@ -123,7 +123,11 @@ def decode_step(model: CharTransformer, token, position, rngs: nnx.Rngs, tempera
 
 def generate(model: CharTransformer, prompt: np.ndarray, length: int, rngs: nnx.Rngs,
              temperature: float = 0.8):
-  """``prompt`` then ``length`` sampled ids (within ``block_size``), and the prompt's last logits."""
+  """``prompt`` then ``length`` sampled ids (within ``block_size``), and the prompt's last logits.
+
+  Every position goes through the cache, prompt included; sampled ids are kept
+  only past the prompt.
+  """
   total = min(len(prompt) + length, model.block_size)
   model.init_cache(batch_size=1)
   ids = [int(t) for t in prompt]
@@ -138,7 +142,7 @@ def generate(model: CharTransformer, prompt: np.ndarray, length: int, rngs: nnx.
 
 
 def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description='Train a character-level transformer on argparse.py.')
+  parser = argparse.ArgumentParser(description='A character-level transformer on argparse.py.')
   parser.add_argument('--steps', type=int, default=600)
   parser.add_argument('--dim', type=int, default=96)
   parser.add_argument('--heads', type=int, default=4)

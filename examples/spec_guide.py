@@ -2,8 +2,9 @@
 
     .venv/bin/python examples/spec_guide.py
 
-Every example of the guide runs unchanged with ``import arbax as nnx``; the
-printed values are the guide's.
+Every example of the guide runs unchanged with ``import arbax as nnx`` and prints
+the guide's values, except the graph-mode section: it prints ``y = 4.0`` where the
+guide's text shows 6.0 (a stale output in the guide; Flax NNX 0.12 prints 4.0 too).
 """
 import jax
 import jax.numpy as jnp

@@ -1,8 +1,15 @@
-"""Shared test configuration: fixed settings so every test starts from NNX's defaults."""
-import pytest
+"""Shared test configuration: fast XLA compiles, and NNX's default settings for every test."""
+import os
 
-import arbax as nnx
-from arbax import _settings
+# The suite's cost is XLA compilation of many tiny programs; the cheap pipeline halves it and
+# does not change results beyond float rounding the tests' tolerances allow.
+os.environ.setdefault('XLA_FLAGS', '--xla_backend_optimization_level=0 '
+                      '--xla_llvm_disable_expensive_passes=true')
+
+import pytest  # noqa: E402
+
+import arbax as nnx  # noqa: E402,F401
+from arbax import _settings  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

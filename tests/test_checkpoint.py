@@ -207,3 +207,12 @@ def test_bfloat16_params_round_trip(tmp_path):
   nnx.checkpoint.restore(tmp_path / 'bf16', target)
   assert target.l1.kernel.get_value().dtype == jnp.bfloat16
   assert_same(snapshot(target), snapshot(source))
+
+
+def test_saved_python_number_restores_into_an_array_counter(tmp_path):
+  nnx.checkpoint.save(tmp_path / 'c', Counter())            # calls is the Python int 0
+  target = Counter()
+  target.calls.set_value(jnp.array(9, jnp.int32))
+  nnx.checkpoint.restore(tmp_path / 'c', target)
+  value = target.calls.get_value()
+  assert isinstance(value, jax.Array) and value.dtype == jnp.int32 and int(value) == 0

@@ -57,8 +57,8 @@ def test_conv_int_kernel_size_means_one_spatial_axis():
   assert conv(X1).shape == (2, 7, 5)
 
 
-@pytest.mark.parametrize('padding', ['SAME', 'VALID', 2, [(1, 0)], [(0, 2)]])
-@pytest.mark.parametrize('strides, dilation', [(1, 1), (2, 1), (1, 2), (3, 2)])
+@pytest.mark.parametrize('padding, strides, dilation', [
+    ('SAME', 1, 1), ('SAME', 2, 2), ('VALID', 3, 1), (2, 1, 2), ([(1, 0)], 2, 1), ([(0, 2)], 1, 1)])
 def test_conv_1d_matches_lax(padding, strides, dilation):
   conv = nnx.Conv(3, 4, (3,), strides=strides, padding=padding, kernel_dilation=dilation,
                   bias_init=NORMAL, rngs=nnx.Rngs(0))
@@ -69,8 +69,7 @@ def test_conv_1d_matches_lax(padding, strides, dilation):
 
 
 # lax only supports input dilation with explicit padding.
-@pytest.mark.parametrize('padding, input_dilation', [
-    ('SAME', 1), ('VALID', 1), ([(0, 1), (2, 1)], 1), ([(0, 1), (2, 1)], (1, 2))])
+@pytest.mark.parametrize('padding, input_dilation', [('SAME', 1), ([(0, 1), (2, 1)], (1, 2))])
 def test_conv_2d_with_groups_strides_and_input_dilation(padding, input_dilation):
   conv = nnx.Conv(4, 6, (3, 2), strides=(2, 1), padding=padding, feature_group_count=2,
                   input_dilation=input_dilation, bias_init=NORMAL, rngs=nnx.Rngs(0))
@@ -116,7 +115,7 @@ def test_conv_causal_padding_only_looks_back():
 
 def test_conv_causal_padding_is_1d_only():
   with pytest.raises(ValueError, match='1D'):
-    nnx.Conv(4, 4, (3, 3), padding='CAUSAL', rngs=nnx.Rngs(0))(X2)
+    nnx.Conv(4, 6, (3, 2), padding='CAUSAL', rngs=nnx.Rngs(0))(X2)
 
 
 @pytest.mark.parametrize('padding', [(1, 2), ((0, 1), (2, 0), (1, 1))])
@@ -146,12 +145,11 @@ def test_conv_accepts_unbatched_and_multi_batch_inputs():
 
 def test_conv_wrong_feature_count_is_an_error():
   with pytest.raises((TypeError, ValueError)):
-    nnx.Conv(4, 4, (3,), rngs=nnx.Rngs(0))(X1)
+    nnx.Conv(3, 4, (3,), rngs=nnx.Rngs(0))(X2)   # 4 features where 3 are expected
 
 
 @pytest.mark.parametrize('dtype, param_dtype, out', [
-    (None, jnp.float32, jnp.float32), (jnp.bfloat16, jnp.float32, jnp.bfloat16),
-    (None, jnp.bfloat16, jnp.float32)])
+    (jnp.bfloat16, jnp.float32, jnp.bfloat16), (None, jnp.bfloat16, jnp.float32)])
 def test_conv_dtypes(dtype, param_dtype, out):
   conv = nnx.Conv(3, 4, (3,), dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
   assert conv.kernel.dtype == param_dtype
@@ -159,7 +157,7 @@ def test_conv_dtypes(dtype, param_dtype, out):
 
 
 def test_conv_gradients_and_jit():
-  conv = nnx.Conv(4, 6, (3, 3), strides=2, rngs=nnx.Rngs(0))
+  conv = nnx.Conv(4, 6, (3, 2), strides=2, rngs=nnx.Rngs(0))
   assert_grads_everywhere(conv, X2)
   np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(conv, X2), conv(X2), rtol=1e-5,
                              atol=1e-6)
@@ -173,8 +171,8 @@ def test_conv_transpose_parameters():
   assert flipped.kernel.shape == (3, 2, 4, 3)
 
 
-@pytest.mark.parametrize('padding', ['SAME', 'VALID', [(1, 2)], 1])
-@pytest.mark.parametrize('strides, dilation', [(1, 1), (2, 1), (2, 2), (3, 1)])
+@pytest.mark.parametrize('padding, strides, dilation', [
+    ('SAME', 1, 1), ('SAME', 2, 2), ('VALID', 3, 1), ([(1, 2)], 2, 1), (1, 1, 2)])
 def test_conv_transpose_1d_matches_lax(padding, strides, dilation):
   up = nnx.ConvTranspose(3, 4, (3,), strides=strides, padding=padding, kernel_dilation=dilation,
                          bias_init=NORMAL, rngs=nnx.Rngs(0))
@@ -185,9 +183,9 @@ def test_conv_transpose_1d_matches_lax(padding, strides, dilation):
 
 
 def test_conv_transpose_same_multiplies_the_size_by_the_stride():
-  up = nnx.ConvTranspose(4, 2, (3, 3), strides=(2, 3), rngs=nnx.Rngs(0))
-  assert up(X2).shape == (2, 12, 15, 2)
-  assert up(X2[0]).shape == (12, 15, 2)
+  up = nnx.ConvTranspose(4, 6, (3, 2), strides=(2, 3), rngs=nnx.Rngs(0))
+  assert up(X2).shape == (2, 12, 15, 6)
+  assert up(X2[0]).shape == (12, 15, 6)
 
 
 def test_conv_transpose_with_transposed_kernel_matches_lax():
@@ -212,7 +210,7 @@ def circular_transpose_reference(x, kernel, stride):
   return out
 
 
-@pytest.mark.parametrize('stride, k', [(1, 3), (2, 3), (2, 4), (3, 3), (1, 5), (2, 2)])
+@pytest.mark.parametrize('stride, k', [(1, 3), (2, 4), (3, 3)])
 def test_conv_transpose_circular_wraps_the_full_result(stride, k):
   up = nnx.ConvTranspose(3, 4, (k,), strides=stride, padding='CIRCULAR', use_bias=False,
                          rngs=nnx.Rngs(0))
@@ -232,6 +230,6 @@ def test_conv_transpose_mask_and_bad_mask():
 
 
 def test_conv_transpose_gradients_and_jit():
-  up = nnx.ConvTranspose(4, 3, (2, 2), strides=2, padding='CIRCULAR', rngs=nnx.Rngs(0))
+  up = nnx.ConvTranspose(4, 6, (3, 2), strides=2, padding='CIRCULAR', rngs=nnx.Rngs(0))
   assert_grads_everywhere(up, X2)
   np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(up, X2), up(X2), rtol=1e-5, atol=1e-6)

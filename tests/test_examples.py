@@ -8,7 +8,6 @@ import math
 import pathlib
 
 import numpy as np
-import pytest
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / 'examples'
 

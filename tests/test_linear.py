@@ -76,9 +76,7 @@ def test_linear_custom_initializers_receive_shape_and_param_dtype():
 
 
 @pytest.mark.parametrize('dtype, param_dtype, x_dtype, out_dtype', [
-    (None, jnp.float32, jnp.float32, jnp.float32),
     (jnp.bfloat16, jnp.float32, jnp.float32, jnp.bfloat16),
-    (None, jnp.bfloat16, jnp.bfloat16, jnp.bfloat16),
     (None, jnp.bfloat16, jnp.float32, jnp.float32),
     (None, jnp.float32, jnp.int32, jnp.float32),
 ])
@@ -234,3 +232,19 @@ def test_prelu_slope_gradient_is_the_sum_of_negative_inputs():
 def test_prelu_dtype():
   assert nnx.PReLU(dtype=jnp.bfloat16)(jnp.ones(2)).dtype == jnp.bfloat16
   assert nnx.PReLU(param_dtype=jnp.float16).negative_slope.dtype == jnp.float16
+
+
+# -- with nnx.vmap ----------------------------------------------------------------
+def test_vmapped_ensemble_of_linears():
+  @nnx.split_rngs(splits=3)
+  @nnx.vmap(in_axes=(0,), out_axes=0)
+  def create(rngs):
+    return nnx.Linear(3, 4, rngs=rngs)
+
+  ensemble = create(nnx.Rngs(0))
+  assert ensemble.kernel.shape == (3, 3, 4) and ensemble.bias.shape == (3, 4)
+  assert not np.allclose(ensemble.kernel[...][0], ensemble.kernel[...][1])
+  x = X[:, :3].reshape(2, 3, 3).transpose(1, 0, 2)          # one (2, 3) batch per member
+  y = nnx.vmap(lambda m, x: m(x), in_axes=(0, 0))(ensemble, x)
+  expected = jnp.einsum('ebi,eio->ebo', x, ensemble.kernel[...]) + ensemble.bias[...][:, None]
+  np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6)

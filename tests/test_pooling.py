@@ -23,9 +23,9 @@ def window_reference(x, window, strides, pads, reduce, fill):
   return out
 
 
-@pytest.mark.parametrize('strides', [None, (2, 1), (1, 3)])
-@pytest.mark.parametrize('padding, pads', [('VALID', [(0, 0), (0, 0)]),
-                                           ([(1, 0), (2, 1)], [(1, 0), (2, 1)])])
+@pytest.mark.parametrize('strides, padding, pads', [
+    (None, 'VALID', [(0, 0), (0, 0)]), ((2, 1), [(1, 0), (2, 1)], [(1, 0), (2, 1)]),
+    ((1, 3), 'VALID', [(0, 0), (0, 0)])])
 def test_max_min_and_avg_pool(strides, padding, pads):
   window = (2, 3)
   s = strides or (1, 1)

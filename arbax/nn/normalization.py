@@ -20,7 +20,6 @@ layer and normalise its weights.
 """
 from __future__ import annotations
 
-import math
 import typing as tp
 
 import jax

@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import typing as tp
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 import numpy as np
