@@ -313,6 +313,19 @@ class _Options(tp.NamedTuple):
   copy: bool
 
 
+def _node_template(cls, aux: PytreeAux):
+  """What every rebuilt node of this structure starts from: its attribute kinds, a ``__dict__``
+  template (attribute order of the original, which repr shows; data slots filled by the
+  caller) and the class's after-unflatten hook, if it has one."""
+  kinds = {k: False for k, _ in aux.static}
+  kinds.update((k, True) for k in aux.data_keys)
+  template = {'_arbax_kinds': None, '_arbax_cache': (aux.data_keys, aux)}
+  template.update((k, None) for k in aux.order)
+  template.update(aux.static)
+  hook = cls._arbax_after_unflatten
+  return kinds, template, (None if hook is Pytree._arbax_after_unflatten else hook)
+
+
 def _compile(d, opts: _Options) -> tp.Callable:
   return _COMPILERS[d[0]](d, opts)
 
@@ -354,14 +367,7 @@ def _compile_node(d, opts):
     else:
       specs.append((k, None, _compile(c, opts)))
   specs = tuple(specs)
-  kinds = {k: False for k, _ in aux.static}
-  kinds.update((k, True) for k in aux.data_keys)
-  # __dict__ in the attribute order of the original (repr shows it); data slots filled below
-  template = {'_arbax_kinds': None, '_arbax_cache': (aux.data_keys, aux)}
-  template.update((k, None) for k in aux.order)
-  template.update(aux.static)
-  hook = cls._arbax_after_unflatten
-  hook = None if hook is Pytree._arbax_after_unflatten else hook
+  kinds, template, hook = _node_template(cls, aux)
   new, set_dict = object.__new__, object.__setattr__
   track = opts.track
 
@@ -531,13 +537,7 @@ def _fcompile_node(d):
                  for (k, f, _), (_, c) in zip(specs, children))
   empty = tuple((k, f) for k, f, has in specs if not has)
   filled = tuple(spec for spec, (_, _, has) in zip(inline, specs) if has)
-  kinds = {k: False for k, _ in aux.static}
-  kinds.update((k, True) for k in aux.data_keys)
-  template = {'_arbax_kinds': None, '_arbax_cache': (aux.data_keys, aux)}
-  template.update((k, None) for k in aux.order)
-  template.update(aux.static)
-  hook = cls._arbax_after_unflatten
-  hook = None if hook is Pytree._arbax_after_unflatten else hook
+  kinds, template, hook = _node_template(cls, aux)
   new, set_dict = object.__new__, object.__setattr__
 
   def read_node(level):

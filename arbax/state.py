@@ -104,14 +104,29 @@ class State(dict):
     return from_flat_state([(p, v) for p, v in _flat_items(self) if p not in drop])
 
 
+_KEY_ORDER: dict = {}  # keys in insertion order -> keys in pytree (sorted) order
+
+
+def _sorted_keys(s) -> tuple:
+  # States of one structure are flattened again and again (every jax.jit call over them):
+  # sort each distinct key set once.
+  keys = tuple(s)
+  order = _KEY_ORDER.get(keys)
+  if order is None:
+    if len(_KEY_ORDER) > 4096:
+      _KEY_ORDER.clear()
+    order = _KEY_ORDER[keys] = tuple(sorted(keys, key=_sort_key))
+  return order
+
+
 def _state_flatten(s):
-  keys = sorted(s, key=_sort_key)
-  return [s[k] for k in keys], tuple(keys)
+  keys = _sorted_keys(s)
+  return [s[k] for k in keys], keys
 
 
 def _state_flatten_with_keys(s):
-  keys = sorted(s, key=_sort_key)
-  return [(jax.tree_util.DictKey(k), s[k]) for k in keys], tuple(keys)
+  keys = _sorted_keys(s)
+  return [(jax.tree_util.DictKey(k), s[k]) for k in keys], keys
 
 
 def _state_unflatten(keys, children):

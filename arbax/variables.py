@@ -383,10 +383,23 @@ def _flatten_with_keys(v):
   return ((_VALUE_KEY, v._value),), v._meta
 
 
+_new = object.__new__
+_set_value_slot = Variable.__dict__['_value'].__set__
+_set_meta_slot = Variable.__dict__['_meta'].__set__
+_set_trace_slot = Variable.__dict__['_trace'].__set__
+
+
 def _register(cls):
-  jax.tree_util.register_pytree_with_keys(
-      cls, _flatten_with_keys,
-      lambda meta, children: cls._from_parts(children[0], meta), _flatten)
+  # The unflatten runs for every Variable each time JAX rebuilds a tree (jax.jit outputs,
+  # jax.tree.map): it writes the slots directly instead of going through _from_parts.
+  def unflatten(meta, children):
+    obj = _new(cls)
+    _set_value_slot(obj, children[0])
+    _set_meta_slot(obj, meta)
+    _set_trace_slot(obj, current_trace())
+    return obj
+
+  jax.tree_util.register_pytree_with_keys(cls, _flatten_with_keys, unflatten, _flatten)
 
 
 _register(Variable)

@@ -107,6 +107,26 @@ def make_guide_pattern(depth):
   return run
 
 
+def make_hijax(depth):
+  """Plain ``jax.jit`` with hijax Variables: JAX itself carries the updates (spec guide, last section)."""
+  with nnx.var_defaults(hijax=True):
+    model = MLP(depth, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+
+  @jax.jit
+  def step(model, optimizer, x, y):
+    graphdef, params, nondiff = nnx.split(model, nnx.Param, ...)
+
+    def loss_fn(params):
+      return _loss(nnx.merge(graphdef, params, nondiff), x, y)
+
+    loss, grads = jax.value_and_grad(loss_fn)(nnx.vars_as(params, hijax=False))
+    optimizer.update(model, grads)
+    return loss
+
+  return lambda x, y: step(model, optimizer, x, y)
+
+
 def make_flax(depth, graph):
   from flax import nnx as fnnx
 
@@ -168,7 +188,8 @@ def variants(depth):
   rows = [('raw jax.jit', make_raw(depth)),
           ('arbax nnx.jit (tree)', make_arbax(depth, graph=False)),
           ('arbax nnx.jit (graph)', make_arbax(depth, graph=True)),
-          ('arbax jax.jit + state/update', make_guide_pattern(depth))]
+          ('arbax jax.jit + state/update', make_guide_pattern(depth)),
+          ('arbax jax.jit + hijax Variables', make_hijax(depth))]
   try:
     rows.append(('flax nnx.jit (tree)', make_flax(depth, graph=False)))
     rows.append(('flax nnx.jit (graph)', make_flax(depth, graph=True)))

@@ -85,6 +85,7 @@ def plot_curves(history: dict, path: str) -> None:
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
+  import matplotlib.ticker  # noqa: F401  (MaxNLocator below)
   epochs = np.arange(1, len(history['train_loss']) + 1)
   fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
   ax_loss.plot(epochs, history['train_loss'], 'o-', label='train')
@@ -94,6 +95,7 @@ def plot_curves(history: dict, path: str) -> None:
   ax_acc.plot(epochs, 100 * np.array(history['test_accuracy']), 's-', label='test')
   ax_acc.set(title='Accuracy', xlabel='epoch', ylabel='accuracy (%)')
   for ax in (ax_loss, ax_acc):
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend()
   fig.suptitle('arbax CNN on sklearn digits (8x8)')

@@ -6,6 +6,7 @@ import pytest
 
 import arbax as nnx
 from arbax.nn.attention import dot_product_attention_weights
+from tests.layer_transforms import check_ensemble, check_scan_over_layers
 
 
 def _normal(seed, shape, dtype=jnp.float32):
@@ -383,3 +384,27 @@ def test_mha_normalize_qk_layer_norms_queries_and_keys():
 
 def _mha_shapes(layer):
   return jax.tree.map(jnp.shape, nnx.to_pure_dict(nnx.state(layer, nnx.Param)))
+
+
+# -- inside nnx.vmap / nnx.scan / nnx.jit ----------------------------------------
+
+
+def _decoder(rngs):
+  mha = nnx.MultiHeadAttention(2, 4, decode=True, rngs=rngs)
+  mha.init_cache((1, 3, 4))
+  return mha
+
+
+def test_attention_ensemble_under_vmap_and_stack_under_scan():
+  x = jax.random.normal(jax.random.key(5), (1, 3, 4))
+  check_ensemble(lambda rngs: nnx.MultiHeadAttention(2, 4, decode=False, rngs=rngs), x, n=2)
+  check_scan_over_layers(lambda rngs: nnx.MultiHeadAttention(2, 4, decode=False, rngs=rngs), x,
+                         n=2)
+
+
+def test_decoding_ensemble_under_vmap_writes_each_members_cache_back():
+  token = jax.random.normal(jax.random.key(6), (1, 1, 4))
+  layers = check_ensemble(_decoder, token, n=2)  # compares cached_key/value and cache_index
+  np.testing.assert_array_equal(layers.cache_index[...], [1, 1])
+  assert layers.cached_key.shape == (2, 1, 3, 2, 2)
+  assert not np.allclose(layers.cached_key[0, :, 0], layers.cached_key[1, :, 0])

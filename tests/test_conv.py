@@ -6,6 +6,7 @@ import pytest
 from jax import lax
 
 import arbax as nnx
+from tests.layer_transforms import check_ensemble, check_scan_over_layers
 
 NORMAL = nnx.initializers.normal(1.0)
 X1 = jax.random.normal(jax.random.key(1), (2, 7, 3))        # (batch, length, features)
@@ -233,3 +234,15 @@ def test_conv_transpose_gradients_and_jit():
   up = nnx.ConvTranspose(4, 6, (3, 2), strides=2, padding='CIRCULAR', rngs=nnx.Rngs(0))
   assert_grads_everywhere(up, X2)
   np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(up, X2), up(X2), rtol=1e-5, atol=1e-6)
+
+
+# -- inside nnx.vmap / nnx.scan / nnx.jit ----------------------------------------
+
+
+@pytest.mark.parametrize('cls', [nnx.Conv, nnx.ConvTranspose])
+def test_ensemble_under_vmap_and_stack_under_scan(cls):
+  make = lambda rngs: cls(3, 3, (2,), rngs=rngs)  # noqa: E731
+  x = jax.random.normal(jax.random.key(3), (2, 4, 3))
+  layers = check_ensemble(make, x, n=2)
+  assert layers.kernel.shape == (2, 2, 3, 3)
+  check_scan_over_layers(make, x, n=3)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import arbax as nnx
+from tests.layer_transforms import check_ensemble, check_scan_broadcast
 
 IDS = jnp.array([[1, 2, 2], [0, 9, 4]])
 
@@ -84,3 +85,13 @@ def test_embed_inside_jit():
     return m.attend(m(ids))
 
   np.testing.assert_allclose(tied(embed, IDS), embed.attend(embed(IDS)), rtol=1e-5, atol=1e-6)
+
+
+# -- inside nnx.vmap / nnx.scan / nnx.jit ----------------------------------------
+
+
+def test_embed_ensemble_under_vmap_and_broadcast_under_scan():
+  layers = check_ensemble(lambda rngs: nnx.Embed(5, 3, rngs=rngs), jnp.array([0, 4, 2]), n=2)
+  assert layers.embedding.shape == (2, 5, 3)
+  # the output (ids -> vectors) has another shape than the input: scan over the ids instead
+  check_scan_broadcast(nnx.Embed(5, 3, rngs=nnx.Rngs(0)), jnp.array([[0, 1], [4, 2], [3, 3]]))

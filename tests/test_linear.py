@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import arbax as nnx
+from tests.layer_transforms import check_ensemble, check_scan_over_layers
 
 X = jax.random.normal(jax.random.key(1), (2, 5, 3))
 NORMAL = nnx.initializers.normal(1.0)
@@ -248,3 +249,22 @@ def test_vmapped_ensemble_of_linears():
   y = nnx.vmap(lambda m, x: m(x), in_axes=(0, 0))(ensemble, x)
   expected = jnp.einsum('ebi,eio->ebo', x, ensemble.kernel[...]) + ensemble.bias[...][:, None]
   np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6)
+
+
+# -- inside nnx.vmap / nnx.scan / nnx.jit ----------------------------------------
+
+SAME_SHAPE_LAYERS = {
+    'Linear': lambda rngs: nnx.Linear(3, 3, rngs=rngs),
+    'LinearGeneral': lambda rngs: nnx.LinearGeneral(3, (3,), rngs=rngs),
+    'Einsum': lambda rngs: nnx.Einsum('bi,io->bo', (3, 3), (3,), rngs=rngs),
+    'PReLU': lambda rngs: nnx.PReLU(negative_slope_init=0.2),
+}
+
+
+@pytest.mark.parametrize('name', list(SAME_SHAPE_LAYERS))
+def test_ensemble_under_vmap_and_stack_under_scan(name):
+  x = jax.random.normal(jax.random.key(3), (2, 3))
+  layers = check_ensemble(SAME_SHAPE_LAYERS[name], x, n=2)
+  if name != 'PReLU':  # PReLU has no random init: its members are identical by design
+    assert not np.allclose(layers.kernel[0], layers.kernel[1])
+  check_scan_over_layers(SAME_SHAPE_LAYERS[name], x, n=3)

@@ -2,8 +2,10 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import arbax as nnx
+from tests.layer_transforms import check_ensemble, check_scan_over_layers
 
 X = jax.random.normal(jax.random.key(1), (2, 5, 3))
 NORMAL = nnx.initializers.normal(1.0)
@@ -99,3 +101,16 @@ def test_lora_linear_inside_jit():
   layer = nnx.LoRALinear(3, 4, lora_rank=2, b_initializer=NORMAL, rngs=nnx.Rngs(0))
   np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(layer, X), layer(X), rtol=1e-5,
                              atol=1e-6)
+
+
+# -- inside nnx.vmap / nnx.scan / nnx.jit ----------------------------------------
+
+
+@pytest.mark.parametrize('make', [
+    lambda rngs: nnx.LoRA(3, 2, 3, b_initializer=nnx.initializers.normal(1.0), rngs=rngs),
+    lambda rngs: nnx.LoRALinear(3, 3, lora_rank=2, rngs=rngs),
+], ids=['LoRA', 'LoRALinear'])
+def test_ensemble_under_vmap_and_stack_under_scan(make):
+  x = jax.random.normal(jax.random.key(3), (2, 3))
+  check_ensemble(make, x, n=2)
+  check_scan_over_layers(make, x, n=3)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import arbax as nnx
+from tests.layer_transforms import check_ensemble, check_scan_broadcast, check_scan_over_layers
 
 NORMAL = nnx.initializers.normal(1.0)
 X = jax.random.normal(jax.random.key(1), (4, 3, 6)) * 2 + 1
@@ -349,3 +350,35 @@ def test_batch_norm_axis_name_under_nnx_vmap_updates_the_shared_statistics():
   y = nnx.vmap(lambda m, x: m(x), in_axes=(None, 0), axis_name='batch')(bn, X)
   np.testing.assert_allclose(y, standardize(X, (0, 1), 1e-5), rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(bn.mean[...], X.mean((0, 1)), rtol=1e-4, atol=1e-6)
+
+
+# -- inside nnx.vmap / nnx.scan / nnx.jit ----------------------------------------
+
+TRANSFORM_LAYERS = {
+    'LayerNorm': lambda rngs: nnx.LayerNorm(4, scale_init=NORMAL, rngs=rngs),
+    'RMSNorm': lambda rngs: nnx.RMSNorm(4, scale_init=NORMAL, rngs=rngs),
+    'BatchNorm': lambda rngs: nnx.BatchNorm(4, rngs=rngs),
+    'GroupNorm': lambda rngs: nnx.GroupNorm(4, num_groups=2, scale_init=NORMAL, rngs=rngs),
+    'InstanceNorm': lambda rngs: nnx.InstanceNorm(4, scale_init=NORMAL, rngs=rngs),
+    'WeightNorm': lambda rngs: nnx.WeightNorm(nnx.Linear(4, 4, rngs=rngs), rngs=rngs),
+    'SpectralNorm': lambda rngs: nnx.SpectralNorm(nnx.Linear(4, 4, rngs=rngs), rngs=rngs),
+}
+XT = jax.random.normal(jax.random.key(4), (3, 2, 4)) * 2 + 1
+
+
+@pytest.mark.parametrize('name', list(TRANSFORM_LAYERS))
+def test_ensemble_under_vmap_and_stack_under_scan(name):
+  # check_* compare every Variable, so BatchNorm's mean/var and SpectralNorm's u/sigma
+  # updated inside the transform must come back stacked and equal to each member's own update
+  layers = check_ensemble(TRANSFORM_LAYERS[name], XT, n=2)
+  stats = jax.tree.leaves(nnx.state(layers, nnx.BatchStat))
+  assert all(s.shape[0] == 2 for s in stats)
+  if name == 'BatchNorm':
+    assert not np.allclose(layers.mean[...], 0.)
+  check_scan_over_layers(TRANSFORM_LAYERS[name], XT, n=3)
+
+
+def test_batch_norm_broadcast_under_scan_accumulates_its_statistics():
+  bn = nnx.BatchNorm(6, momentum=0.5, rngs=nnx.Rngs(0))
+  check_scan_broadcast(bn, X4)  # two steps, each a (3, 4, 6) batch
+  assert not np.allclose(bn.var[...], 1.)

@@ -8,6 +8,7 @@ import pytest
 
 import arbax as nnx
 from arbax.nn.recurrent import flip_sequences
+from tests.layer_transforms import check_ensemble, check_scan_broadcast, check_scan_over_layers
 
 sigmoid = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
 
@@ -281,3 +282,47 @@ def test_rnn_state_axes_broadcast_params():
   rnn = nnx.RNN(cell, state_axes={nnx.Param: None, ...: nnx.Carry})
   assert isinstance(rnn.state_axes, nnx.StateAxes)
   np.testing.assert_allclose(rnn(x), _loop(cell, x)[1], atol=1e-5)
+
+
+# -- inside nnx.vmap / nnx.scan / nnx.jit ----------------------------------------
+
+CELLS = [nnx.LSTMCell, nnx.OptimizedLSTMCell, nnx.SimpleCell, nnx.GRUCell]
+
+
+def _one_step(cell, x):
+  carry = cell.initialize_carry(x.shape, nnx.Rngs(0))
+  return cell(carry, x)[1]
+
+
+@pytest.mark.parametrize('cls', CELLS, ids=lambda c: c.__name__)
+def test_cell_ensemble_under_vmap_stack_under_scan_and_time_scan(cls):
+  x = _normal(7, (2, 3))
+  check_ensemble(lambda rngs: cls(3, 3, rngs=rngs), x, n=2, apply=_one_step)
+  check_scan_over_layers(lambda rngs: cls(3, 3, rngs=rngs), x, n=2, apply=_one_step)
+  cell = cls(3, 2, rngs=nnx.Rngs(0))
+
+  @nnx.jit
+  @nnx.scan(in_axes=(None, nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+  def over_time(cell, carry, x):  # the cell broadcast, its carry threaded through time
+    return cell(carry, x)
+
+  xs = _normal(8, (4, 2, 3))
+  carry0 = cell.initialize_carry((2, 3), nnx.Rngs(0))
+  carry, ys = over_time(cell, carry0, xs)
+  ref_carry, refs = carry0, []
+  for x in xs:
+    ref_carry, y = cell(ref_carry, x)
+    refs.append(y)
+  np.testing.assert_allclose(ys, np.stack(refs), rtol=1e-5, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               carry, ref_carry)
+
+
+def test_rnn_and_bidirectional_under_vmap_and_scan():
+  seq = _normal(9, (2, 3, 3))
+  rnn = lambda rngs: nnx.RNN(nnx.GRUCell(3, 3, rngs=rngs), rngs=rngs)  # noqa: E731
+  check_ensemble(rnn, seq, n=2)
+  check_scan_over_layers(rnn, seq, n=2)  # a stacked RNN: hidden features == input features
+  bi = nnx.Bidirectional(nnx.RNN(nnx.SimpleCell(3, 2, rngs=nnx.Rngs(0))),
+                         nnx.RNN(nnx.SimpleCell(3, 2, rngs=nnx.Rngs(1))))
+  check_scan_broadcast(bi, seq[:, None])  # output features 4 != 3: scan over the batch instead

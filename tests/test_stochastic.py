@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import arbax as nnx
+from tests.layer_transforms import check_ensemble, check_scan_broadcast, check_scan_over_layers
 
 X = jnp.ones((8, 16))
 
@@ -123,3 +124,22 @@ def test_gradient_is_the_scaled_mask():
 
 def test_dtype_is_kept():
   assert nnx.Dropout(0.3, rngs=nnx.Rngs(0))(X.astype(jnp.bfloat16)).dtype == jnp.bfloat16
+
+
+# -- inside nnx.vmap / nnx.scan / nnx.jit ----------------------------------------
+
+
+def test_dropout_ensemble_under_vmap_and_stack_under_scan():
+  x = jnp.ones((2, 6))
+  layers = check_ensemble(lambda rngs: nnx.Dropout(0.5, rngs=rngs), x, n=2)
+  np.testing.assert_array_equal(layers.rngs.count[...], [1, 1])  # each member drew one key
+  masks = nnx.vmap(lambda m, x: m(x) == 0, in_axes=(0, None))(layers, x)
+  assert not np.array_equal(masks[0], masks[1])  # members got different keys
+  stack = check_scan_over_layers(lambda rngs: nnx.Dropout(0.5, rngs=rngs), x, n=3)
+  np.testing.assert_array_equal(stack.rngs.count[...], [1, 1, 1])
+
+
+def test_dropout_broadcast_under_scan_draws_a_new_key_each_step():
+  dropout = nnx.Dropout(0.5, rngs=nnx.Rngs(0))
+  check_scan_broadcast(dropout, jnp.ones((3, 8)))  # same masks as three calls in a loop
+  assert int(dropout.rngs.count[...]) == 3
