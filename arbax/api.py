@@ -25,6 +25,7 @@ rebuilds them shared.
 from __future__ import annotations
 
 import typing as tp
+import warnings
 
 import jax
 import numpy as np
@@ -36,7 +37,7 @@ from arbax.graph import (NO_FIT, GraphDef, Flattened, alias_error, flatten as _f
                          _sort_key)
 from arbax.pytree import List, Pytree, node_parts
 from arbax.state import (FlatState, compile_builder, flat_dict, from_flat_state, skeleton,
-                         unmatched_error)
+                         unmatched_error, map_state)
 from arbax.variables import Variable, current_trace
 
 # -- split / state ------------------------------------------------------------
@@ -545,6 +546,64 @@ def _rebuilt(x, children):
 # -- flatten / unflatten ------------------------------------------------------
 
 
+class _Caller:
+  """What ``nnx.call(...)`` returns: attribute / item access picks a method on the merged
+  node; calling it returns ``(output, (graphdef, state))`` with the updated state."""
+
+  def __init__(self, graphdef_state, path=()):
+    self._graphdef_state = graphdef_state
+    self._path = path
+
+  def __getattr__(self, name):
+    return _Caller(self._graphdef_state, self._path + (('attr', name),))
+
+  def __getitem__(self, key):
+    return _Caller(self._graphdef_state, self._path + (('item', key),))
+
+  def __call__(self, *args, **kwargs):
+    node = merge(*self._graphdef_state)
+    method = node
+    for how, key in self._path:
+      method = getattr(method, key) if how == 'attr' else method[key]
+    out = method(*args, **kwargs)
+    return out, split(node)
+
+
+def call(graphdef_state, /) -> _Caller:
+  """Call a method of the node a ``(graphdef, state)`` pair describes, purely:
+
+      y, (graphdef, state) = nnx.call((graphdef, state))(x)          # __call__
+      _, (graphdef, state) = nnx.call((graphdef, state))['b'].reset()
+
+  Equivalent to merge, call, split; handy inside plain ``jax`` transforms.
+  """
+  return _Caller(graphdef_state)
+
+
+def as_pure(tree):
+  """``tree`` with every Variable replaced by its value (e.g. a State for export)."""
+  return jax.tree_util.tree_map(lambda x: x.get_value() if isinstance(x, Variable) else x, tree,
+                                is_leaf=lambda x: isinstance(x, Variable))
+
+
+def pure(tree):
+  """Deprecated name of ``as_pure``."""
+  warnings.warn('This function is deprecated. Use as_pure instead.', DeprecationWarning,
+                stacklevel=2)
+  return as_pure(tree)
+
+
+def map(f: tp.Callable[[tuple, tp.Any], tp.Any], node, /, *, graph: bool | None = None,
+        recreate_variables: bool = True):
+  """A new node whose Variables are ``f(path, variable)``; ``node`` is unchanged.
+
+      zeroed = nnx.map(lambda path, v: v.replace(jnp.zeros_like(v)), model)
+  """
+  graphdef, state = split(node, graph=graph)
+  new_state = map_state(f, state)
+  return merge(graphdef, new_state, recreate_variables=recreate_variables)
+
+
 def flatten(node, /, *, with_paths: bool = True, graph: bool | None = None):
   """``(GraphDef, FlatState)``: the structure and the ``(path, leaf)`` pairs in pytree order;
   ``with_paths=False`` gives a plain list of leaves instead of the FlatState."""
@@ -574,5 +633,5 @@ def unflatten(graphdef: GraphDef, state, /, *, copy_variables: bool = False,
   return graphdef.build(leaves, copy_variables=copy_variables)
 
 
-__all__ = ['split', 'merge', 'state', 'update', 'graphdef', 'clone', 'pop', 'iter_graph',
+__all__ = ['call', 'as_pure', 'pure', 'map', 'split', 'merge', 'state', 'update', 'graphdef', 'clone', 'pop', 'iter_graph',
            'variables', 'find_duplicates', 'recursive_map', 'flatten', 'unflatten']

@@ -183,6 +183,10 @@ class GraphDef:
 _END = object()
 
 
+# A GraphDef passes through jax.jit / jax.tree as a pytree with no leaves: it is all static.
+jax.tree_util.register_pytree_node(GraphDef, lambda g: ((), g), lambda g, _: g)
+
+
 def _describe(d) -> str:
   tag = d[0]
   if tag == NODE:

@@ -22,7 +22,8 @@ from arbax.pytree import Dict, List, Pytree, node_parts
 from arbax.variables import Intermediate, Perturbation, Variable
 
 
-__all__ = ['Module', 'Sequential', 'iter_modules', 'iter_children', 'view']
+__all__ = ['Module', 'Sequential', 'iter_modules', 'iter_children', 'iter_module_children', 'view',
+           'with_attributes', 'set_metadata']
 
 
 def _append(xs, x):
@@ -165,6 +166,34 @@ def iter_children(module) -> tp.Iterator[tuple[tp.Any, Module]]:
   for suffix, child in _children(module):
     if len(suffix) == 1 and _is_module(child):
       yield suffix[0], child
+
+
+def iter_module_children(node, /, *, graph: bool | None = None) -> tp.Iterator[tuple[tp.Any, Module]]:
+  """``(name, module)`` for each Module (or nnx.List / nnx.Dict) held directly in an
+  attribute of ``node``; Variables and other leaves are skipped."""
+  return iter_children(node)
+
+
+def with_attributes(node, /, *, only: tp.Any = ..., raise_if_not_found: bool = True,
+                    graph: bool | None = None, **attributes):
+  """A copy of ``node`` sharing its Variables, with ``attributes`` set on the selected
+  Modules; ``node`` itself is unchanged.
+
+      eval_model = nnx.with_attributes(model, deterministic=True)
+  """
+  return view(node, only=only, raise_if_not_found=raise_if_not_found, graph=graph, **attributes)
+
+
+def set_metadata(node, /, *, only: tp.Any = Variable, **metadata) -> None:
+  """Set ``metadata`` on every Variable in ``node`` that matches ``only``, in place.
+
+      nnx.set_metadata(model, only=nnx.Param, differentiable=False)
+  """
+  from arbax.api import iter_graph
+  predicate = filterlib.to_predicate(only)
+  for path, obj in list(iter_graph(node, graph=True)):
+    if isinstance(obj, Variable) and predicate(path, obj):
+      obj.set_metadata(**metadata)
 
 
 def view(node, /, *, only: tp.Any = ..., raise_if_not_found: bool = True, graph: bool | None = None,

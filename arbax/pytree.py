@@ -26,7 +26,8 @@ import numpy as np
 from arbax import _settings
 from arbax.variables import Variable, _hashable
 
-__all__ = ['Pytree', 'List', 'Dict', 'data', 'static', 'dataclass', 'is_data', 'attributes']
+__all__ = ['Pytree', 'List', 'Dict', 'data', 'static', 'dataclass', 'is_data', 'has_data',
+           'register_data_type', 'check_pytree', 'Data', 'Static', 'Object', 'attributes']
 
 _KIND = 'arbax_kind'  # key in dataclasses.Field.metadata
 _MISSING = object()
@@ -66,14 +67,72 @@ def static(value: tp.Any = _MISSING, /, **field_kwargs):
   return _StaticValue(value)
 
 
-def is_data(value) -> bool:
+_T = tp.TypeVar('_T')
+# ``x: nnx.Data[int]`` / ``y: nnx.Static[str]``: class-level markers read from annotations.
+Data = tp.Annotated[_T, '__data__']
+Static = tp.Annotated[_T, '__static__']
+
+_DATA_TYPES: set[type] = set()
+
+
+def register_data_type(type_: type, /) -> type:
+  """Make values of ``type_`` data (pytree leaves) when assigned to a Pytree attribute.
+
+  Usable as a decorator; returns the type unchanged.
+  """
+  _DATA_TYPES.add(type_)
+  return type_
+
+
+def is_data(value: tp.Any, /) -> bool:
+  """Whether ``value`` is itself a data type: an array, a Variable, a Pytree, or a
+  type passed to ``register_data_type``. Containers are not (see ``has_data``)."""
+  return (isinstance(value, (Variable, Pytree, jax.Array, np.ndarray))
+          or any(isinstance(value, t) for t in _DATA_TYPES))
+
+
+def has_data(value: tp.Any, /) -> list[tp.Any]:
+  """The data values (see ``is_data``) found inside the pytree ``value``, outermost first.
+
+  A Pytree counts as one value: its contents are not listed separately.
+  """
+  seen: set[int] = set()
+
+  def stop(x):
+    # A shared object is listed once; it is a leaf the second time.
+    if id(x) in seen:
+      return True
+    seen.add(id(x))
+    return is_data(x)
+
+  return [x for x in jax.tree_util.tree_leaves(value, is_leaf=stop) if is_data(x)]
+
+
+def check_pytree(pytree, /) -> None:
+  """Check that no static attribute of ``pytree`` holds data; raise ValueError naming it.
+
+  Useful after mutating a static container in place (``self.cfg['w'] = array``),
+  which assignment-time checks cannot see.
+  """
+  if not isinstance(pytree, Pytree):
+    raise TypeError(f'Expected a Pytree, got {type(pytree)}.')
+  for name, value, kind in attributes(pytree):
+    found = None if kind else _find_data(value)
+    if found:
+      raise ValueError(
+          f'Found data ({found}) in static attribute {name!r} of {type(pytree).__name__}. '
+          f'Static attributes are part of the tree definition and would lose it. Assign it '
+          f'with `self.{name} = nnx.data(...)`, or use nnx.List / nnx.Dict for containers.')
+
+
+def _holds_data(value) -> bool:
   """Whether a value is data (a leaf or holds leaves) when set without a marker."""
-  if isinstance(value, (Variable, Pytree, jax.Array, np.ndarray)):
+  if is_data(value):
     return True
   if isinstance(value, (list, tuple)):
-    return any(is_data(v) for v in value)
+    return any(_holds_data(v) for v in value)
   if isinstance(value, dict):
-    return any(is_data(v) for v in value.values())
+    return any(_holds_data(v) for v in value.values())
   # numpy scalars are hashable constants, static like Python numbers (as in NNX).
   if isinstance(value, (int, float, complex, str, bytes, type(None), np.generic, type)) or callable(value):
     return False
@@ -81,12 +140,12 @@ def is_data(value) -> bool:
   leaves = jax.tree_util.tree_leaves(value, is_leaf=lambda x: isinstance(x, (Variable, Pytree)))
   if len(leaves) == 1 and leaves[0] is value:
     return False
-  return any(is_data(leaf) for leaf in leaves)
+  return any(_holds_data(leaf) for leaf in leaves)
 
 
 def _find_data(value, path=''):
   """Path (relative) of the first data value inside ``value``, or None."""
-  if isinstance(value, (Variable, Pytree, jax.Array, np.ndarray)):
+  if is_data(value):
     return path or '<the value itself>'
   if isinstance(value, (list, tuple)):
     for i, v in enumerate(value):
@@ -313,7 +372,7 @@ class Pytree:
     elif name in type(self)._arbax_declared:
       explicit = type(self)._arbax_declared[name]
     if explicit is None:
-      kind = is_data(value)
+      kind = _holds_data(value)
       if kind:
         value = _as_tracked_container(value)
       else:
@@ -363,6 +422,16 @@ class Pytree:
     return treescope_repr(self, path, subtree_renderer)
 
 
+class Object(Pytree, pytree=False):
+  """Deprecated name kept for old code: a Pytree that JAX sees as a single leaf.
+
+  Subclasses are not pytrees unless they pass ``pytree=True``.
+  """
+
+  def __init_subclass__(cls, pytree: bool = False, **kwargs):
+    super().__init_subclass__(pytree=pytree, **kwargs)
+
+
 def _check_no_hidden_state(obj, name, value):
   hidden = _find_hidden_state(value, obj)
   if hidden is not None:
@@ -376,7 +445,17 @@ def _check_no_hidden_state(obj, name, value):
 
 def _annotation_kind(annotation):
   if isinstance(annotation, str):
+    # ``from __future__ import annotations``: the markers are still recognisable by name.
+    if annotation.startswith(('nnx.Data[', 'Data[')):
+      return True
+    if annotation.startswith(('nnx.Static[', 'Static[')):
+      return False
     return None
+  marks = getattr(annotation, '__metadata__', ())
+  if '__data__' in marks:
+    return True
+  if '__static__' in marks:
+    return False
   origin = tp.get_origin(annotation) or annotation
   if isinstance(origin, type) and issubclass(origin, (Variable, Pytree)):
     return True
@@ -435,7 +514,7 @@ class List(Pytree):
 
   def _set_item(self, i: int, value):
     d = self.__dict__
-    kind = is_data(value)
+    kind = _holds_data(value)
     if kind:
       value = _as_tracked_container(value)
     d[i] = value

@@ -25,8 +25,10 @@ from arbax import filters as filterlib
 from arbax.pytree import Pytree
 from arbax.variables import Variable
 
+_MISSING = object()
+
 __all__ = ['RngState', 'RngKey', 'RngCount', 'RngStream', 'Rngs', 'reseed', 'split_rngs',
-           'fork_rngs']
+           'fork_rngs', 'with_rngs', 'restore_rngs']
 
 
 class RngState(Variable):
@@ -289,8 +291,11 @@ def reseed(node, /, *, graph: bool | None = None, policy='scalars_only', **strea
       obj.count.set_value(jnp.zeros(key.shape, dtype=jnp.uint32))
 
 
-def split_rngs_state(node, splits: int | tuple[int, ...], only: tp.Any = ...):
-  """Split the keys of every RngStream in ``node`` (matching ``only``) in place; returns a restore function."""
+def split_rngs_state(node, splits: int | tuple[int, ...], only: tp.Any = ...) -> list:
+  """Split the keys of every RngStream in ``node`` (matching ``only``) in place.
+
+  Returns the backups ``[(stream, key, count), ...]`` that ``restore_rngs`` puts back.
+  """
   from arbax.api import iter_graph
   predicate = filterlib.to_predicate(only)
   backups = []
@@ -300,13 +305,19 @@ def split_rngs_state(node, splits: int | tuple[int, ...], only: tp.Any = ...):
       backups.append((obj, obj.key.get_value(), obj.count.get_value()))
       obj.key.set_value(key)
       obj.count.set_value(jnp.zeros(key.shape, jnp.uint32))
+  return backups
 
-  def restore():
-    for stream, key, count in backups:
-      stream.key.set_value(key)
-      stream.count.set_value(count)
 
-  return restore
+def restore_rngs(backups: tp.Iterable[tuple], /) -> None:
+  """Put back the keys (and counts) saved by an in-place ``nnx.split_rngs(node, splits=...)``.
+
+  Each backup is ``(stream, key)`` or ``(stream, key, count)``.
+  """
+  for backup in backups:
+    stream, key = backup[0], backup[1]
+    stream.key.set_value(key)
+    if len(backup) == 3:
+      stream.count.set_value(backup[2])
 
 
 class split_rngs:
@@ -324,28 +335,32 @@ class split_rngs:
     self.node = node
     self.splits = splits
     self.only = only
-    self._restore = None
+    self._backups = []
     if node is not None:
-      self._restore = split_rngs_state(node, splits, only)
+      self._backups = split_rngs_state(node, splits, only)
+
+  def __iter__(self):
+    """The backups of an in-place split, for ``nnx.restore_rngs``."""
+    return iter(self._backups)
 
   def __enter__(self):
     return self.node
 
   def __exit__(self, *exc):
-    if self._restore is not None:
-      self._restore()
+    restore_rngs(self._backups)
+    self._backups = []
     return False
 
   def __call__(self, fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-      restores = [split_rngs_state(a, self.splits, self.only)
-                  for a in (*args, *kwargs.values()) if _holds_rngs(a)]
+      backups = [split_rngs_state(a, self.splits, self.only)
+                 for a in (*args, *kwargs.values()) if _holds_rngs(a)]
       try:
         return fn(*args, **kwargs)
       finally:
-        for r in reversed(restores):
-          r()
+        for b in reversed(backups):
+          restore_rngs(b)
     return wrapper
 
 
@@ -360,3 +375,41 @@ def _holds_rngs(x) -> bool:
 
 def fork_rngs(rngs: Rngs, *, split=None) -> Rngs:
   return rngs.fork(split=split)
+
+
+def with_rngs(node: tp.Any = _MISSING, /, *, split=None, fork=None, broadcast=None,
+              only: tp.Any = True, graph: bool | None = None, graph_updates: bool | None = None):
+  """A copy of ``node`` whose RngStreams are split, forked or broadcast; ``node``'s own
+  streams only have their counters advanced.
+
+      new = nnx.with_rngs(rngs, split={'params': 4}, fork=...)   # params: 4 keys, rest forked
+
+  ``split`` / ``broadcast``: a shape for every stream or ``{filter: shape}`` (first
+  match wins); ``fork``: a filter (or list of filters) for the streams left. Other
+  streams are copied unchanged. Without ``node`` it returns a decorator-ready partial.
+  """
+  if node is _MISSING:
+    return functools.partial(with_rngs, split=split, fork=fork, broadcast=broadcast, only=only,
+                             graph=graph, graph_updates=graph_updates)
+  from arbax.api import recursive_map
+  selected = filterlib.to_predicate(only)
+  split_of = _per_stream(split if isinstance(split, tp.Mapping) or split is None else {...: split})
+  bcast_of = _per_stream(broadcast if isinstance(broadcast, tp.Mapping) or broadcast is None
+                         else {...: broadcast})
+  forks = fork if isinstance(fork, (list, tuple)) else ([] if fork is None else [fork])
+  fork_preds = [filterlib.to_predicate(f) for f in forks]
+
+  def replace(path, x):
+    # recursive_map hands over a rebuilt stream that shares the original's key and count
+    # Variables, so drawing from it advances the original's counter.
+    if not isinstance(x, RngStream) or not (selected(path, x) or selected(path, x.key)):
+      return x
+    if (k := split_of(x)) is not None:
+      return x.split(k)
+    if (k := bcast_of(x)) is not None:
+      return x.broadcast(k)
+    if any(p(path, x) or p(path, x.key) for p in fork_preds):
+      return x.fork()
+    return x
+
+  return recursive_map(replace, node, graph=graph)

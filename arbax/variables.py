@@ -28,7 +28,8 @@ _GetAttrKey = jax.tree_util.GetAttrKey
 _VALUE_KEY = _GetAttrKey('value')
 
 __all__ = ['Variable', 'Param', 'BatchStat', 'Cache', 'Intermediate', 'Perturbation', 'VarMeta',
-           'var_defaults']
+           'var_defaults', 'register_variable_name', 'variable_name_from_type',
+           'variable_type_from_name']
 
 
 try:  # JAX's own token for the current trace, read without building a wrapper object
@@ -451,5 +452,50 @@ class var_defaults(_settings.ScopedSetting):
     return _settings.SETTINGS.var_defaults['ref']
 
 
-def variable_name_from_type(cls) -> str:
-  return cls.__name__
+# Linen collection name <-> Variable type, for checkpoints and interop that speak collections.
+_NAME_TO_TYPE: dict[str, type[Variable]] = {
+    'params': Param, 'batch_stats': BatchStat, 'cache': Cache, 'intermediates': Intermediate,
+    'perturbations': Perturbation,
+}
+
+
+def register_variable_name(name: str, typ: type[Variable] | None = None, *, overwrite: bool = False):
+  """Map the collection ``name`` to the Variable type ``typ``.
+
+  ``@nnx.register_variable_name('stats')`` on a class works too. A name already
+  mapped raises ValueError unless ``overwrite=True``.
+  """
+  if typ is None:
+    return lambda t: register_variable_name(name, t, overwrite=overwrite)
+  if not overwrite and name in _NAME_TO_TYPE and _NAME_TO_TYPE[name] is not typ:
+    raise ValueError(f'Name {name} already mapped to type {_NAME_TO_TYPE[name]}. To overwrite, '
+                     f'call register_variable_name() with `overwrite=True`.')
+  _NAME_TO_TYPE[name] = typ
+  return typ
+
+
+def variable_name_from_type(typ: type[Variable], /, *, allow_register: bool = False) -> str:
+  """The collection name of a Variable type (``Param`` -> ``'params'``); inverse of
+  ``variable_type_from_name``. An unknown type raises ValueError, or with
+  ``allow_register=True`` is registered under its class name."""
+  for name, t in _NAME_TO_TYPE.items():
+    if t is typ:
+      return name
+  if not allow_register:
+    raise ValueError(f'Type {typ} is not registered in the registry. To register a new type, '
+                     f'use register_variable_name() or set allow_register=True.')
+  register_variable_name(typ.__name__, typ)
+  return typ.__name__
+
+
+def variable_type_from_name(name: str, /, *, base: type[Variable] = Variable,
+                            allow_register: bool = False) -> type[Variable]:
+  """The Variable type of a collection name (``'params'`` -> ``Param``). An unknown
+  name raises ValueError, or with ``allow_register=True`` gets a new subclass of
+  ``base`` named ``name``."""
+  if name in _NAME_TO_TYPE:
+    return _NAME_TO_TYPE[name]
+  if not allow_register:
+    raise ValueError(f'Name {name} is not registered in the registry. To register a new name, '
+                     f'use register_variable_name() or set allow_register=True.')
+  return register_variable_name(name, type(name, (base,), {'__module__': __name__}))

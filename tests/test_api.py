@@ -624,3 +624,52 @@ def test_property_update_writes_the_values_of_a_filtered_state(spec, filters):
   for path, v in flat(nnx.state(target)).items():
     want = expected.get(path, np.asarray(v.get_value()))
     np.testing.assert_array_equal(np.asarray(full[path].get_value()), want)
+
+
+# -- call / as_pure / pure / map --
+class _Counter(nnx.Module):
+  def __init__(self):
+    self.w = nnx.Param(jnp.full((2,), 2.0))
+    self.count = nnx.Variable(jnp.array(0))
+
+  def bump(self):
+    self.count[...] += 1
+
+  def __call__(self, x):
+    self.bump()
+    return x * self.w[...]
+
+
+def test_call_returns_output_and_updated_state_under_jit():
+  graphdef, st = nnx.split(_Counter())
+
+  @jax.jit
+  def fwd(x, st):
+    y, (_, st) = nnx.call((graphdef, st))(x)
+    return y, st
+
+  y, st = fwd(jnp.ones(2), st)
+  y, st = fwd(jnp.ones(2), st)
+  np.testing.assert_allclose(y, [2.0, 2.0])
+  assert int(nnx.merge(graphdef, st).count[...]) == 2
+  _, pair2 = nnx.call(nnx.split({'a': _Counter(), 'b': _Counter()}))['b'].bump()
+  nodes = nnx.merge(*pair2)
+  assert int(nodes['a'].count[...]) == 0 and int(nodes['b'].count[...]) == 1
+
+
+def test_as_pure_and_deprecated_pure():
+  st = nnx.state(_Counter())
+  pure = nnx.as_pure(st)
+  assert isinstance(pure, nnx.State) and not isinstance(pure['w'], nnx.Variable)
+  np.testing.assert_allclose(pure['w'], [2.0, 2.0])
+  assert nnx.as_pure({'a': nnx.Param(1), 'b': 2}) == {'a': 1, 'b': 2}
+  with pytest.warns(DeprecationWarning, match='as_pure'):
+    nnx.pure(st)
+
+
+def test_map_builds_new_node():
+  m = _Counter()
+  nm = nnx.map(lambda path, v: v.replace(jnp.zeros_like(v[...])) if path == ('w',) else v, m)
+  assert nm is not m and type(nm) is _Counter
+  np.testing.assert_allclose(nm.w[...], [0.0, 0.0])
+  np.testing.assert_allclose(m.w[...], [2.0, 2.0])

@@ -184,3 +184,20 @@ def test_merge_fast_path_falls_back_when_the_state_does_not_fit():
   assert g.build_from_state(s) is graph.NO_FIT
   s['items'][0]['w'] = nnx.Param(jnp.ones(2))
   assert g.build_from_state(s) is not graph.NO_FIT
+
+
+def test_graphdef_passes_through_jax_jit_as_static_structure():
+  class Box(nnx.Module):
+    def __init__(self):
+      self.w = nnx.Param(jnp.arange(3.0))
+
+  graphdef, state = nnx.split(Box())
+  assert jax.tree.leaves(graphdef) == []
+
+  @jax.jit
+  def double(pair):
+    g, s = pair
+    box = nnx.merge(g, s)
+    return box.w[...] * 2
+
+  np.testing.assert_allclose(double((graphdef, state)), [0.0, 2.0, 4.0])

@@ -241,3 +241,38 @@ def test_sequential_is_a_pytree_of_its_layers():
   seq = nnx.Sequential(Leaf(), nnx.relu, Leaf())
   paths = [jax.tree_util.keystr(p) for p, _ in jax.tree.leaves_with_path(seq)]
   assert paths == ['.layers[0].w.value', '.layers[2].w.value']
+
+
+# -- iter_module_children / with_attributes / set_metadata --
+class _Blk(nnx.Module):
+  def __init__(self):
+    self.lin = nnx.Linear(1, 1, rngs=nnx.Rngs(0))
+    self.drop = nnx.Dropout(0.5)
+    self.scale = nnx.Param(jnp.ones(1))
+
+
+def test_iter_module_children_skips_variables():
+  names = [(k, type(m).__name__) for k, m in nnx.iter_module_children(_Blk())]
+  assert names == [('drop', 'Dropout'), ('lin', 'Linear')]
+  assert list(nnx.iter_module_children(nnx.Linear(1, 1, rngs=nnx.Rngs(0)))) == []
+
+
+def test_with_attributes_copies_and_shares_variables():
+  b = _Blk()
+  nb = nnx.with_attributes(b, deterministic=True)
+  assert nb is not b and nb.drop.deterministic is True and b.drop.deterministic is False
+  assert nb.lin.kernel is b.lin.kernel
+  with pytest.raises(ValueError, match='foo'):
+    nnx.with_attributes(b, foo=1)
+  only = nnx.with_attributes(b, only=nnx.Linear, raise_if_not_found=False, deterministic=True)
+  assert only.drop.deterministic is False
+
+
+def test_set_metadata_in_place_with_filter():
+  b = _Blk()
+  nnx.set_metadata(b, only=nnx.Param, frozen=True)
+  assert b.lin.kernel.get_metadata('frozen') is True and b.scale.get_metadata('frozen') is True
+  nnx.set_metadata(b, tag='all')
+  assert b.lin.bias.get_metadata('tag') == 'all'
+  nnx.set_metadata(b, only=nnx.BatchStat, other=1)  # nothing matches: no error, no change
+  assert b.lin.kernel.get_metadata('other', None) is None

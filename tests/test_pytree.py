@@ -355,3 +355,86 @@ def test_repr_shows_per_kind_counts_and_bytes():
   assert text.splitlines()[0] == 'P( # BatchStat: 2 (8 B), Param: 10 (40 B), Total: 12 (48 B)' or \
       text.splitlines()[0] == 'P( # Param: 10 (40 B), BatchStat: 2 (8 B), Total: 12 (48 B)'
   assert '  n=3' in text and 'w=Param( # 10 (40 B)' in text
+
+
+# -- Data / Static annotations, is_data / has_data, register_data_type, check_pytree, Object --
+def test_data_and_static_annotations_classify_attributes():
+  class A(nnx.Pytree):
+    x: nnx.Data[int]
+    y: nnx.Static[str]
+
+    def __init__(self):
+      self.x, self.y, self.z = 1, 'hi', 3
+
+  assert jax.tree.leaves(A()) == [1]
+
+  @nnx.dataclass
+  class B(nnx.Pytree):
+    a: nnx.Data[int]
+    b: int
+
+  assert jax.tree.leaves(B(5, 6)) == [5]
+
+
+def test_static_annotation_rejects_arrays():
+  class A(nnx.Pytree):
+    y: nnx.Static[jax.Array]
+
+    def __init__(self):
+      self.y = jnp.ones(2)
+
+  with pytest.raises(ValueError, match="'y'"):
+    A()
+
+
+def test_is_data_and_has_data():
+  assert nnx.is_data(jnp.zeros(1)) and nnx.is_data(nnx.Param(1)) and nnx.is_data(nnx.Rngs(0))
+  assert not nnx.is_data('hi') and not nnx.is_data(42)
+  assert not nnx.is_data([jnp.ones(1)])  # containers are not data themselves
+  a, p = jnp.ones(1), nnx.Param(2)
+  found = nnx.has_data([1, a, {'k': p}])
+  assert len(found) == 2 and found[0] is a and found[1] is p
+  assert nnx.has_data((1, 'a')) == []
+  lin = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+  assert nnx.has_data({'m': lin}) == [lin]  # a Pytree counts as one value
+
+
+def test_register_data_type_makes_values_leaves():
+  import dataclasses
+
+  @nnx.register_data_type
+  @dataclasses.dataclass(frozen=True)
+  class Tag:
+    v: int
+
+  class Holder(nnx.Pytree):
+    def __init__(self):
+      self.a = Tag(1)
+      self.b = 'static'
+
+  assert nnx.is_data(Tag(3))
+  assert jax.tree.leaves(Holder()) == [Tag(1)]
+
+
+def test_check_pytree_finds_data_hidden_by_in_place_mutation():
+  class Cfg(nnx.Pytree):
+    def __init__(self):
+      self.cfg = {'n': 1}
+
+  c = Cfg()
+  assert nnx.check_pytree(c) is None
+  c.cfg['w'] = jnp.ones(1)  # mutation assignment checks cannot see
+  with pytest.raises(ValueError, match="'cfg'"):
+    nnx.check_pytree(c)
+  with pytest.raises(TypeError, match='Expected a Pytree'):
+    nnx.check_pytree([1])
+
+
+def test_object_subclasses_are_single_leaves():
+  class O(nnx.Object):
+    def __init__(self):
+      self.w = nnx.Param(jnp.ones(2))
+
+  o = O()
+  assert isinstance(o, nnx.Pytree)
+  assert jax.tree.leaves(o) == [o]

@@ -318,3 +318,37 @@ def test_repr_of_several_streams_sums_state():
   text = repr(nnx.Rngs(0, params=1))
   assert text.splitlines()[0] == 'Rngs( # RngState: 4 (24 B)'
   assert text.index('params=RngStream') < text.index('default=RngStream')
+
+
+# -- with_rngs / restore_rngs --
+def test_with_rngs_split_and_fork_leave_original_shapes():
+  r = nnx.Rngs(params=0, dropout=1)
+  n = nnx.with_rngs(r, split={'params': 2}, fork='dropout')
+  assert n is not r and n.params is not r.params
+  assert n.params.key.shape == (2,) and r.params.key.shape == ()
+  assert n.dropout.key.shape == () and int(n.dropout.count[...]) == 0
+  # the originals gave one key each
+  assert int(r.params.count[...]) == 1 and int(r.dropout.count[...]) == 1
+  expected = jax.random.split(jax.random.fold_in(jax.random.key(0), 0), 2)
+  np.testing.assert_array_equal(jax.random.key_data(n.params.key[...]), jax.random.key_data(expected))
+
+
+def test_with_rngs_broadcast_only_and_modules():
+  r = nnx.Rngs(params=0, dropout=1)
+  b = nnx.with_rngs(r, broadcast=3)
+  assert b.params.key.shape == (3,)
+  o = nnx.with_rngs(r, split=2, only='params')
+  assert o.params.key.shape == (2,) and o.dropout.key.shape == ()
+  m = nnx.Dropout(0.1, rngs=nnx.Rngs(0))
+  nm = nnx.with_rngs(m, split=4)
+  assert type(nm) is nnx.Dropout and nm.rngs.key.shape == (4,) and m.rngs.key.shape == ()
+
+
+def test_restore_rngs_undoes_in_place_split():
+  r = nnx.Rngs(params=0)
+  backups = nnx.split_rngs(r, splits=3)
+  assert r.params.key.shape == (3,)
+  nnx.restore_rngs(backups)
+  assert r.params.key.shape == ()
+  np.testing.assert_array_equal(jax.random.key_data(r.params.key[...]),
+                                jax.random.key_data(jax.random.key(0)))

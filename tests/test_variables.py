@@ -386,3 +386,37 @@ def test_repr_of_scalar_shows_the_value_and_hides_default_flags():
   assert text.splitlines()[0] == 'Variable( # 1 (4 B)'
   assert 'value=Array(3, dtype=int32' in text and 'hijax' not in text
   assert 'hijax=True' in repr(nnx.Variable(jnp.ones(2), hijax=True))
+
+
+# -- collection names <-> Variable types --
+def test_variable_name_type_round_trip():
+  assert nnx.variable_name_from_type(nnx.Param) == 'params'
+  assert nnx.variable_type_from_name('batch_stats') is nnx.BatchStat
+  class Unknown(nnx.Variable):
+    pass
+  with pytest.raises(ValueError, match='not registered'):
+    nnx.variable_name_from_type(Unknown)
+  assert nnx.variable_name_from_type(Unknown, allow_register=True) == 'Unknown'
+  assert nnx.variable_type_from_name('Unknown') is Unknown
+  with pytest.raises(ValueError, match='zzz_unknown'):
+    nnx.variable_type_from_name('zzz_unknown')
+
+
+def test_variable_type_from_name_creates_subclass_of_base():
+  t = nnx.variable_type_from_name('yyy_stats', base=nnx.Param, allow_register=True)
+  assert issubclass(t, nnx.Param) and t.__name__ == 'yyy_stats'
+  assert nnx.variable_name_from_type(t) == 'yyy_stats'
+  assert jax.tree.leaves(t(3)) == [3]
+
+
+def test_register_variable_name_decorator_and_overwrite():
+  @nnx.register_variable_name('qq_coll')
+  class Q(nnx.Variable):
+    pass
+  assert nnx.variable_type_from_name('qq_coll') is Q
+  class R(nnx.Variable):
+    pass
+  with pytest.raises(ValueError, match='qq_coll'):
+    nnx.register_variable_name('qq_coll', R)
+  assert nnx.register_variable_name('qq_coll', R, overwrite=True) is R
+  assert nnx.variable_type_from_name('qq_coll') is R
