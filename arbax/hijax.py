@@ -41,7 +41,6 @@ import typing as tp
 import jax
 from jax._src import core
 from jax._src import effects as _effects
-from jax._src.interpreters import ad
 from jax._src.interpreters import batching
 from jax.experimental import hijax as hjx
 

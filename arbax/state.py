@@ -10,7 +10,7 @@
 A State is itself a pytree (keys sorted, like dicts), so it passes through
 ``jax.jit``/``jax.grad`` and its leaves are the Variables (or raw arrays) it holds.
 
-The functions at the bottom (``skeleton``, ``build_state``, ``leaves_by_skeleton``)
+The functions at the bottom (``skeleton``, ``build_state``, ``compile_getter``)
 are the fast path of ``nnx.split``/``nnx.merge``: a *skeleton* is the key
 structure of a State without its leaves, computed once per structure.
 """
@@ -378,17 +378,13 @@ def compile_builder(skel: tuple) -> tp.Callable[[tp.Iterator], State]:
   return branch_level
 
 
-def leaves_by_skeleton(state: tp.Mapping, skel: tuple, out: list) -> bool:
-  """Append the leaves of ``state`` to ``out`` in skeleton order; False if the shapes differ."""
-  return compile_getter(skel)(state, out)
-
-
 _BRANCHES = frozenset({dict, State})
 
 
 def compile_getter(skel: tuple) -> tp.Callable[[tp.Mapping, list], bool]:
-  """A function ``get(state, out) -> bool`` doing ``leaves_by_skeleton`` for this skeleton fast:
-  a level whose entries are all leaves is read with one ``itemgetter`` call."""
+  """A function ``get(state, out) -> bool`` that appends the leaves of ``state`` to ``out`` in
+  skeleton order (False if the shapes differ); a level whose entries are all leaves is read
+  with one ``itemgetter`` call."""
   inner = _compile_level(skel)
 
   def get(state, out):
