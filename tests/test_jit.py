@@ -310,3 +310,21 @@ def test_lower_compiles():
   lowered = f.lower(model, jnp.ones((1, 2)))
   assert 'dot' in lowered.as_text()
   assert int(model.count[...]) == 0
+
+
+def test_static_arguments_reuse_the_cached_plan_until_they_change():
+  traces = []
+
+  @nnx.jit(static_argnames='n')
+  def add(model, n):
+    traces.append(n)
+    model.count[...] += n
+
+  model = make()
+  add(model, n=2)
+  plan = add._plan
+  add(model, n=2)
+  assert add._plan is plan and traces == [2]
+  add(model, n=3)
+  assert add._plan is not plan and traces == [2, 3]
+  assert int(model.count[...]) == 7

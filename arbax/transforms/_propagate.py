@@ -85,7 +85,7 @@ class CallKey:
 class Plan:
   """How one call's arguments map to leaves; reused while the graph arguments are unchanged."""
 
-  __slots__ = ('key', 'epoch', 'graph_objs', 'items', 'groups', 'kinds', 'variables', 'slots')
+  __slots__ = ('key', 'epoch', 'graph_objs', 'items', 'groups', 'kinds', 'slots')
 
   def __init__(self, key, epoch, graph_objs, items, groups, kinds, positions):
     self.key = key
@@ -94,7 +94,6 @@ class Plan:
     self.items = items             # Variables and raw arrays of the graph args, in leaf order
     self.groups = groups           # per graph argument: (start, stop) into items
     self.kinds = kinds             # per argument position: PLAIN / GRAPH / STATIC_ARG
-    self.variables = [x for x in items if isinstance(x, Variable)]
     # What split_inputs emits, precomputed: (items of a graph argument, all of them Variables?)
     # or (None, position of a plain argument).
     slots = []
@@ -147,10 +146,9 @@ def make_plan(args: tuple, kwargs: dict, *, graph: bool, static_positions: froze
       kinds.append(PLAIN)
   fl = flatten((tuple(graph_args[0]), graph_args[1]), graph=graph, context=context, mark_seen=True)
   # group boundaries: leaves are in traversal order, positional args first, then sorted kwargs
-  starts = {}
+  starts = {}  # (0, position) or (1, keyword) -> [first leaf, last leaf + 1]
   for i, path in enumerate(fl.paths):
-    top = path[1] if path[0] == 0 else path[1]
-    starts.setdefault((path[0], top), [i, i])[1] = i + 1
+    starts.setdefault(path[:2], [i, i])[1] = i + 1
   groups = []
   for pos, value in graph_objs:
     k = (0, pos) if isinstance(pos, int) else (1, pos)
@@ -188,13 +186,22 @@ def plan_still_valid(plan: Plan | None, args: tuple, kwargs: dict) -> bool:
   for i, kind in enumerate(kinds[:len(args)]):
     if kind == PLAIN and not _is_plain_fast(args[i]) and holds_graph(args[i]):
       return False
-    if kind == STATIC_ARG:
-      return False  # statics may change: let make_plan re-key
+  for pos, cached in plan.key.statics:  # static arguments are part of the key: must be equal
+    current = args[pos] if isinstance(pos, int) else kwargs[pos]
+    if current is not cached and not _equal(current, cached):
+      return False
   for name in plan.key.kw_names:
     v = kwargs[name]
     if not _is_plain_fast(v) and holds_graph(v) and not any(p == name for p, _ in plan.graph_objs):
       return False
   return True
+
+
+def _equal(a, b) -> bool:
+  try:
+    return type(a) is type(b) and bool(a == b)
+  except Exception:  # e.g. arrays compared elementwise
+    return False
 
 
 def split_inputs(plan: Plan, args: tuple, kwargs: dict) -> list:
