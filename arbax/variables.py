@@ -106,6 +106,9 @@ def _make_meta(items: dict) -> VarMeta:
   return meta
 
 
+_NO_INDEX = object()  # set_value without an index: replace the whole value
+
+
 def _unwrap(x):
   return x._value if isinstance(x, Variable) else x
 
@@ -171,10 +174,11 @@ class Variable:
   def get_value(self, index: tp.Any = ...):
     return self._value if index is ... else self._value[index]
 
-  def set_value(self, new_value, *, index: tp.Any = ...):
+  def set_value(self, new_value, *, index: tp.Any = _NO_INDEX):
+    """Replace the value; with ``index``, assign into it (``v[index] = x`` semantics)."""
     self._check_trace()
     new_value = _unwrap(new_value)
-    if index is not ...:
+    if index is not _NO_INDEX:
       new_value = _set_at(self._value, index, new_value)
     object.__setattr__(self, '_value', new_value)
 
@@ -326,6 +330,18 @@ def _rebuild_variable(cls, value, metadata):
 
 
 def _set_at(current, index, new_value):
+  """``current[index] = new_value`` without mutating ``current``.
+
+  For arrays ``v[...] = x`` keeps the shape and dtype (``x`` is broadcast and cast), as
+  NNX does; an array of the same shape and dtype is taken as it is.
+  """
+  if isinstance(current, jax.Array):
+    if (index is ... and isinstance(new_value, jax.Array) and new_value.shape == current.shape
+        and new_value.dtype == current.dtype):
+      return new_value
+    return current.at[index].set(new_value)
+  if index is ... and not hasattr(current, 'shape'):
+    return new_value  # a scalar or a pytree value: `v[...] = x` replaces it
   if isinstance(current, np.ndarray):
     current = current.copy()
     current[index] = new_value

@@ -420,3 +420,17 @@ def test_register_variable_name_decorator_and_overwrite():
     nnx.register_variable_name('qq_coll', R)
   assert nnx.register_variable_name('qq_coll', R, overwrite=True) is R
   assert nnx.variable_type_from_name('qq_coll') is R
+
+
+def test_ellipsis_assignment_keeps_shape_and_dtype_like_nnx():
+  v = nnx.Param(jnp.ones(2))
+  v[...] = 3
+  np.testing.assert_array_equal(v[...], [3.0, 3.0])
+  assert v[...].dtype == jnp.float32
+  same = jnp.full((2,), 4.0)
+  v[...] = same
+  assert v[...] is same          # an array of the same shape and dtype is taken as it is
+  with pytest.raises(ValueError):
+    v[...] = jnp.ones(5)         # a shape change needs `v.value = ...`
+  v.value = jnp.ones(5)
+  assert v.shape == (5,)
