@@ -74,3 +74,14 @@ def test_char_transformer(capsys):
   assert set(sample) <= set(module.load_text())
   assert result['cache_gap'] < 1e-4
   assert 'sample:' in capsys.readouterr().out
+
+
+def test_readme_example_trains(capsys):
+  readme = (EXAMPLES.parent / 'README.md').read_text()
+  start = readme.index('```python') + len('```python')
+  code = readme[start:readme.index('```', start)]
+  exec(compile(code, 'README.md', 'exec'), {'__name__': 'readme_example'})
+  out = capsys.readouterr().out
+  train, evaluation = (float(out.split(f'{k} loss ')[1].split(',')[0]) for k in ('train', 'eval'))
+  assert evaluation < 0.01 and train < 0.02, out
+  assert 'steps 300' in out
