@@ -211,9 +211,10 @@ class Flattened(tp.NamedTuple):
 
 def alias_error(what: str, path, first_path, context: str = 'tree-mode') -> ValueError:
   """The tree-mode sharing error, worded as the NNX guide shows it, plus the fix."""
+  shared = 'shared Variable references' if what == 'Variable' else 'shared references (or cycles)'
   return ValueError(
       f'{what} at {format_path(path)} was already seen at {format_path(first_path)}. '
-      f'{context} does not support shared Variable references. Pass graph=True (or use '
+      f'{context} does not support {shared}. Pass graph=True (or use '
       'nnx.graphlib.set_graph_mode(True)) to allow sharing, or make the two references '
       'separate objects.')
 
