@@ -220,17 +220,21 @@ def alias_error(what: str, path, first_path, context: str = 'tree-mode') -> Valu
 
 
 def flatten(obj, *, graph: bool | None = None, prefix: tuple = (),
-            context: str = 'tree-mode split', mark_seen: bool = False) -> Flattened:
+            context: str = 'tree-mode split', mark_seen: bool = False,
+            known: tp.Sequence = ()) -> Flattened:
   """Walk ``obj`` once: its GraphDef, its leaves with their paths, and the objects met.
 
   ``mark_seen`` flags the Pytrees met so later structural changes to them
-  invalidate transform caches (see ``_settings.EPOCH``).
+  invalidate transform caches (see ``_settings.EPOCH``). In graph mode, objects in
+  ``known`` become refs to their index there: ``unflatten(..., nodes=<list of the
+  same length>)`` then resolves them to that list's objects (a transform maps its
+  outputs back to the caller's objects this way).
   """
   graph = _settings.graph_mode(graph)
   leaves: list = []
   paths: list = []
-  nodes: list = []
-  seen: dict = {}
+  nodes: list = list(known)
+  seen: dict = {id(o): (i, ('<input>',)) for i, o in enumerate(known)}
 
   def visit(x, path):
     if isinstance(x, Variable):
@@ -278,7 +282,7 @@ def flatten(obj, *, graph: bool | None = None, prefix: tuple = (),
             tuple(visit(c, path + (k,)) for k, (_, c) in zip(keys, children_with_keys)))
 
   root = visit(obj, prefix)
-  return Flattened(GraphDef(root, tuple(paths)), leaves, paths, nodes)
+  return Flattened(GraphDef(root, tuple(paths)), leaves, paths, nodes[len(known):])
 
 
 def _sort_key(k):

@@ -328,3 +328,25 @@ def test_static_arguments_reuse_the_cached_plan_until_they_change():
   add(model, n=3)
   assert add._plan is not plan and traces == [2, 3]
   assert int(model.count[...]) == 7
+
+
+def test_graph_mode_returns_the_callers_own_objects():
+  model = make()
+
+  @nnx.jit(graph=True)
+  def touch(model):
+    model.count[...] += 1
+    return model, model.w, Linear(1, 1, rngs=nnx.Rngs(1))
+
+  same, w, fresh = touch(model)
+  assert same is model and w is model.w
+  assert int(model.count[...]) == 1 and isinstance(fresh, Linear)
+  same, _, _ = touch(model)      # the cached executable maps them back too
+  assert same is model and int(model.count[...]) == 2
+
+
+def test_tree_mode_returns_new_objects():
+  model = make()
+  out = nnx.jit(lambda m: m)(model)
+  assert out is not model and type(out) is Linear
+  np.testing.assert_array_equal(out.w[...], model.w[...])

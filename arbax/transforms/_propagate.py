@@ -85,15 +85,16 @@ class CallKey:
 class Plan:
   """How one call's arguments map to leaves; reused while the graph arguments are unchanged."""
 
-  __slots__ = ('key', 'epoch', 'graph_objs', 'items', 'groups', 'kinds', 'slots')
+  __slots__ = ('key', 'epoch', 'graph_objs', 'items', 'groups', 'kinds', 'slots', 'nodes')
 
-  def __init__(self, key, epoch, graph_objs, items, groups, kinds, positions):
+  def __init__(self, key, epoch, graph_objs, items, groups, kinds, positions, nodes=()):
     self.key = key
     self.epoch = epoch
     self.graph_objs = graph_objs   # ((position, object), ...) checked by identity
     self.items = items             # Variables and raw arrays of the graph args, in leaf order
     self.groups = groups           # per graph argument: (start, stop) into items
     self.kinds = kinds             # per argument position: PLAIN / GRAPH / STATIC_ARG
+    self.nodes = nodes             # the Pytrees and Variables of the graph args, traversal order
     # What split_inputs emits, precomputed: (items of a graph argument, all of them Variables?)
     # or (None, position of a plain argument).
     slots = []
@@ -159,7 +160,7 @@ def make_plan(args: tuple, kwargs: dict, *, graph: bool, static_positions: froze
   if len(identity) != len(graph_objs):
     identity = None  # a container holding objects: re-walk every call
   return Plan(key, _settings.EPOCH[0], identity, fl.leaves, groups, tuple(kinds),
-              [pos for pos, _ in entries])
+              [pos for pos, _ in entries], fl.nodes)
 
 
 def _hashable_statics(statics):
@@ -220,11 +221,13 @@ def split_inputs(plan: Plan, args: tuple, kwargs: dict) -> list:
   return out
 
 
-def rebuild(key: CallKey, inputs: tp.Sequence) -> tuple[tuple, dict, list, list]:
+def rebuild(key: CallKey, inputs: tp.Sequence, *, nodes: list | None = None
+            ) -> tuple[tuple, dict, list, list]:
   """Inside the transform: objects around the traced leaves, and the arguments to call with.
 
   Returns ``(args, kwargs, in_leaves, inner_items)`` where ``inner_items`` are the new
   Variables / raw leaves in leaf order, to compare against ``in_leaves`` afterwards.
+  ``nodes``, if given, receives every rebuilt Pytree and Variable in traversal order.
   """
   in_leaves = []
   it = iter(inputs)
@@ -234,13 +237,9 @@ def rebuild(key: CallKey, inputs: tp.Sequence) -> tuple[tuple, dict, list, list]
       in_leaves.extend(next(it))
     elif kind == PLAIN:
       plain.append(next(it))
-  nodes: list = []
+  nodes = [] if nodes is None else nodes
   graph_args, graph_kwargs = unflatten(key.graphdef, in_leaves, nodes=nodes)
   inner_items = []
-  by_id = {}
-  for node in nodes:
-    if isinstance(node, Variable):
-      by_id[id(node)] = node
   # leaves are consumed in order; Variables appear in `nodes` in that same order
   var_iter = iter([n for n in nodes if isinstance(n, Variable)])
   for leaf_def_is_var in _leaf_kinds(key.graphdef):
@@ -314,35 +313,44 @@ jax.tree_util.register_pytree_node(
     lambda aux, children: Output(aux[0], aux[1], children[0], children[1]))
 
 
-def flatten_output(out, *, graph: bool) -> tuple[tp.Any, list]:
-  """The output as (def, leaf values): Variables and Pytrees come back as new objects."""
+def flatten_output(out, *, graph: bool, known: tp.Sequence = ()) -> tuple[tp.Any, list]:
+  """The output as (def, leaf values).
+
+  Variables and Pytrees come back as new objects, except in graph mode those in ``known``
+  (the rebuilt inputs), which come back as the caller's own objects.
+  """
   if isinstance(out, jax.Array) and not isinstance(out, Variable):
     return LEAF_DEF, [out]
   if out is None:
     return (STATIC, None), []
-  fl = flatten(out, graph=graph, context='tree-mode transform output')
+  fl = flatten(out, graph=graph, context='tree-mode transform output',
+               known=known if graph else ())
   return fl.graphdef, [x._value if isinstance(x, Variable) else x for x in fl.leaves]
 
 
-def build_output(out_def, out_leaves):
+def build_output(out_def, out_leaves, nodes: tp.Sequence = ()):
+  """The user's output from what ``flatten_output`` made; ``nodes`` resolves refs to inputs."""
   if out_def is LEAF_DEF or out_def == LEAF_DEF:
     return out_leaves[0]
-  if out_def[0] == STATIC if isinstance(out_def, tuple) else False:
+  if isinstance(out_def, tuple) and out_def[0] == STATIC:
     return out_def[1]
-  return unflatten(out_def, out_leaves)
+  return unflatten(out_def, out_leaves, nodes=list(nodes) if nodes else None)
 
 
 def run(fun: tp.Callable, key: CallKey, inputs: tp.Sequence, *, graph: bool,
-        keep: tp.Container[int] = ()) -> Output:
+        keep: tp.Container[int] = (), map_inputs: bool = True) -> Output:
   """Inside a JAX transform: rebuild the arguments, call ``fun``, return its updates and output.
 
   The body of every transform whose JAX function maps inputs to one ``Output``
-  (jit, remat, cond branches, eval_shape, checkify, ...).
+  (jit, remat, cond branches, eval_shape, checkify, ...). In graph mode an output that is
+  one of the inputs comes back as the caller's object (``finish`` resolves it), unless
+  ``map_inputs`` is False.
   """
-  args, kwargs, in_leaves, inner_items = rebuild(key, inputs)
+  nodes: list = []
+  args, kwargs, in_leaves, inner_items = rebuild(key, inputs, nodes=nodes)
   out = fun(*args, **kwargs)
   changed, values = collect_updates(in_leaves, inner_items, keep=keep)
-  out_def, out_leaves = flatten_output(out, graph=graph)
+  out_def, out_leaves = flatten_output(out, graph=graph, known=nodes if map_inputs else ())
   return Output(changed, out_def, values, out_leaves)
 
 
@@ -350,4 +358,4 @@ def finish(plan: Plan, result: Output):
   """After the JAX call returned: write the changed Variables back, build the user's output."""
   if result.changed:
     plan.write_back(result.changed, result.values)
-  return build_output(result.out_def, result.out_leaves)
+  return build_output(result.out_def, result.out_leaves, plan.nodes)

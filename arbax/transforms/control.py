@@ -89,7 +89,7 @@ def eval_shape(f: tp.Callable, *args, graph: bool | None = None,
   graph = _settings.graph_mode(graph)
   plan = prop.make_plan(args, kwargs, graph=graph, context='tree-mode eval_shape')
   key = plan.key
-  result = jax.eval_shape(lambda *inputs: prop.run(f, key, inputs, graph=graph),
+  result = jax.eval_shape(lambda *inputs: prop.run(f, key, inputs, graph=graph, map_inputs=False),
                           *prop.split_inputs(plan, args, kwargs))
   return prop.build_output(result.out_def, result.out_leaves)
 

@@ -174,7 +174,7 @@ class JitWrapped:
   def eval_shape(self, *args, **kwargs):
     plan, jitted = self._prepare(args, kwargs)
     result = jitted.eval_shape(plan.key, *prop.split_inputs(plan, args, kwargs))
-    return prop.build_output(result.out_def, result.out_leaves)
+    return prop.build_output(result.out_def, result.out_leaves, plan.nodes)
 
 
 def jit(fun: tp.Callable | None = None, *, in_shardings=None, out_shardings=None,
