@@ -350,3 +350,23 @@ def test_tree_mode_returns_new_objects():
   out = nnx.jit(lambda m: m)(model)
   assert out is not model and type(out) is Linear
   np.testing.assert_array_equal(out.w[...], model.w[...])
+
+
+def test_graph_mode_output_with_its_own_shared_variable():
+  model = make()
+
+  @nnx.dataclass
+  class Pair(nnx.Module):
+    a: nnx.Param
+    b: nnx.Param
+
+  @nnx.jit(graph=True)
+  def pair(model):
+    p = nnx.Param(model.w[0, 0] * 2)
+    return model, Pair(p, p)
+
+  same, out = pair(model)
+  assert same is model
+  assert out.a is out.b and float(out.a[...]) == pytest.approx(2 * float(model.w[0, 0]))
+  fresh = nnx.jit(lambda m: Pair(*(2 * [nnx.Param(m.w[0, 0])])), graph=True)(model)
+  assert fresh.a is fresh.b   # refs among new objects only: numbered without the inputs

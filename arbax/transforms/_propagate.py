@@ -22,7 +22,8 @@ import jax
 import numpy as np
 
 from arbax import _settings
-from arbax.graph import (GraphDef, LEAF_DEF, flatten, unflatten, STATIC, LEAF, ARRAY_TYPES)
+from arbax.graph import (GraphDef, LEAF_DEF, flatten, unflatten, iter_defs, STATIC, LEAF, REF,
+                         VAR, ARRAY_TYPES)
 from arbax.pytree import Pytree
 from arbax.variables import Variable
 
@@ -272,7 +273,6 @@ def _leaf_kinds(graphdef: GraphDef) -> tuple:
   cached = _LEAF_KINDS_CACHE.get(graphdef)
   if cached is not None:
     return cached
-  from arbax.graph import iter_defs, VAR
   kinds = tuple(d[0] == VAR for _, d in iter_defs(graphdef.root) if d[0] in (VAR, LEAF))
   _LEAF_KINDS_CACHE[graphdef] = kinds
   return kinds
@@ -323,18 +323,34 @@ def flatten_output(out, *, graph: bool, known: tp.Sequence = ()) -> tuple[tp.Any
     return LEAF_DEF, [out]
   if out is None:
     return (STATIC, None), []
-  fl = flatten(out, graph=graph, context='tree-mode transform output',
-               known=known if graph else ())
-  return fl.graphdef, [x._value if isinstance(x, Variable) else x for x in fl.leaves]
+  context = 'tree-mode transform output'
+  if graph and known:
+    fl = flatten(out, graph=True, context=context, known=known)
+    if any(d[0] == REF and d[1] < len(known) for _, d in iter_defs(fl.graphdef.root)):
+      # Some outputs are inputs: building needs the caller's objects seeded, in input order.
+      return (WITH_INPUTS, fl.graphdef), [_raw(x) for x in fl.leaves]
+  fl = flatten(out, graph=graph, context=context)  # refs numbered from 0: build needs no seed
+  return fl.graphdef, [_raw(x) for x in fl.leaves]
+
+
+def _raw(x):
+  return x._value if isinstance(x, Variable) else x
+WITH_INPUTS = 'with-inputs'  # marks an output def whose refs point into the inputs
 
 
 def build_output(out_def, out_leaves, nodes: tp.Sequence = ()):
-  """The user's output from what ``flatten_output`` made; ``nodes`` resolves refs to inputs."""
+  """The user's output from what ``flatten_output`` made.
+
+  ``nodes`` (the caller's objects, in input order) resolves refs to inputs; it is used only
+  when the def was made with them.
+  """
   if out_def is LEAF_DEF or out_def == LEAF_DEF:
     return out_leaves[0]
   if isinstance(out_def, tuple) and out_def[0] == STATIC:
     return out_def[1]
-  return unflatten(out_def, out_leaves, nodes=list(nodes) if nodes else None)
+  if isinstance(out_def, tuple) and out_def[0] == WITH_INPUTS:
+    return unflatten(out_def[1], out_leaves, nodes=list(nodes))
+  return unflatten(out_def, out_leaves)
 
 
 def run(fun: tp.Callable, key: CallKey, inputs: tp.Sequence, *, graph: bool,

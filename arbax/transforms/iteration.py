@@ -320,9 +320,7 @@ class _Mapped:
       if explained is e:
         raise
       raise explained from None
-    if result.changed:
-      plan.write_back(result.changed, result.values)
-    return prop.build_output(result.out_def, result.out_leaves)
+    return prop.finish(plan, result)
 
   def __get__(self, obj, objtype=None):
     if obj is None:
@@ -403,9 +401,7 @@ class PmapWrapped(_Mapped):
       raise explained from None
     values = [v[0] if k in unmapped[0] else v for k, v in enumerate(result.values)]
     out_leaves = [v[0] if k in unmapped[1] else v for k, v in enumerate(result.out_leaves)]
-    if result.changed:
-      plan.write_back(result.changed, values)
-    return prop.build_output(result.out_def, out_leaves)
+    return prop.finish(plan, prop.Output(result.changed, result.out_def, values, out_leaves))
 
   def _compile(self, plan, axes, args, kwargs):
     """``jax.pmap`` needs its out_axes up front: find them with an abstract vmap trace first."""
