@@ -150,7 +150,7 @@ def main(argv=None) -> dict:
 
   # Checkpoint: save the trained state, restore it into an abstract model, evaluate again.
   ckpt = os.path.join(os.path.abspath(args.out), 'checkpoint')
-  nnx.checkpoint.save(ckpt, model)
+  nnx.checkpoint.save(ckpt, model, overwrite=True)  # re-running replaces the last run's
   abstract = nnx.eval_shape(lambda: CNN(rngs=nnx.Rngs(0)))
   restored = nnx.checkpoint.restore(ckpt, abstract)
   again = evaluate(restored, metrics, x_test, y_test, 256)
