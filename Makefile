@@ -20,13 +20,20 @@ $(VENV)/.installed-demo: pyproject.toml | $(PY)
 demo: $(VENV)/.installed-demo
 	$(PY) examples/demo.py
 
+# Tests marked slow have a short version here; `make stress` runs them.
 test: $(VENV)/.installed-test
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -m 'not slow'
 
+# The cache state machine (tests/test_cache_stateful.py) with 5,000 examples instead of 200.
+# The data-parallel nnx.jit loop on 8 CPU devices for thousands of steps (tests/test_data_parallel.py).
+.PHONY: stress
+stress: $(VENV)/.installed-test
+	ARBAX_HYPOTHESIS_PROFILE=stress ARBAX_CHECK_CACHE=1 $(PY) -m pytest tests/test_cache_stateful.py -k Machine
+	$(PY) -m pytest -m slow tests/test_data_parallel.py
+
+# make bench BENCH_ARGS=--quick; BENCH_PY=/path/to/python for a venv with the bench extra
 bench: $(VENV)/.installed-test
-	$(PY) benchmarks/overhead.py
-	$(PY) benchmarks/state_api.py
-	$(PY) benchmarks/pytree_flatten.py
+	$(or $(BENCH_PY),$(PY)) benchmarks/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV)

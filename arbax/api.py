@@ -18,9 +18,11 @@
 State is a live view; ``merge`` builds new Pytrees around them (``copy=True``
 copies them too) and ``update`` writes values into the existing Variables.
 
-Tree mode (``graph=False``, the default) refuses shared references with a
-ValueError naming both paths; graph mode stores them once and ``merge``
-rebuilds them shared.
+Graph mode (the default, as in NNX) stores a shared Variable or object once
+and ``merge`` rebuilds it shared; tree mode (``graph=False``) refuses shared
+references with a ValueError naming both paths. ``unpack`` bundles the
+GraphDef with each State (``GraphState``); ``flatten`` / ``unflatten`` are the
+flat forms (see ``arbax.refmaps`` for flattens sharing one index space).
 """
 from __future__ import annotations
 
@@ -33,12 +35,16 @@ import numpy as np
 from arbax import _settings
 from arbax import filters as filterlib
 from arbax.errors import TraceContextError, format_path
-from arbax.graph import (NO_FIT, GraphDef, Flattened, alias_error, flatten as _flatten, flatten_cached,
-                         _sort_key)
+from arbax.graph import (LEAF_DEF, NO_FIT, STATIC, GraphDef, Flattened, alias_error,
+                         flatten as _flatten, flatten_cached, path_order, _sort_key)
 from arbax.pytree import List, Pytree, node_parts
-from arbax.state import (FlatState, compile_builder, flat_dict, from_flat_state, skeleton,
-                         unmatched_error, map_state)
+from arbax.refmaps import IndexMap, RefMap, flatten_indexed, unflatten_indexed
+from arbax.state import (FlatState, GraphState, State, compile_builder, flat_dict, from_flat_state,
+                         skeleton, unmatched_error, map_state)
 from arbax.variables import Variable, current_trace
+
+Node = tp.TypeVar('Node')
+PureState = tuple[GraphDef[Node], State]  # what ``nnx.split(node)`` returns, as a type
 
 # -- split / state ------------------------------------------------------------
 
@@ -101,7 +107,9 @@ def _full_builder(graphdef: GraphDef):
 _MISSING = object()
 
 
-def _states(fl: Flattened, filters: tuple, *, strict: bool) -> tuple:
+def group_states(fl: Flattened, filters: tuple, *, strict: bool) -> tuple:
+  """The States of a flattening, one per filter (``strict``: every leaf must match one); with
+  no filters, one State of everything. A leaf at the root is returned as itself."""
   leaves = fl.leaves
   if not filters:
     return (_build(_full_builder(fl.graphdef), leaves, fl.paths),)
@@ -111,52 +119,168 @@ def _states(fl: Flattened, filters: tuple, *, strict: bool) -> tuple:
   return tuple(out)
 
 
-def split(node, *filters, graph: bool | None = None):
-  """``(GraphDef, State, ...)``: one State per filter; each leaf goes to the first filter matching it.
+def _flat(node, graph: bool | None, context: str):
+  """``flatten_cached``, except that a bare value (``42``, a function) is its own single leaf,
+  as NNX treats a root it does not know."""
+  fl, entry = flatten_cached(node, graph=graph, context=context)
+  if fl.graphdef.root[0] == STATIC and node is not None:
+    return Flattened(GraphDef(LEAF_DEF, ((),), fl.graphdef.graph), [node], [()], []), None
+  return fl, entry
 
-  A leaf that no filter matches raises a ValueError naming its path; end the
-  filters with ``...`` to catch the rest. The States hold the node's own
-  Variables.
+
+def split(node, *filters, graph: bool | None = None):
+  """Split ``node`` into its GraphDef (the structure) and State(s) (the Variables).
+
+  Each leaf goes to the first filter that matches it; a leaf no filter matches
+  raises a ValueError naming its path, so end the filters with ``...`` to catch
+  the rest. The States hold the node's own Variables (no copies): writing into
+  them writes into ``node``. A node that is itself a leaf (a Variable, an array)
+  is its own "State": ``nnx.split(v)`` returns ``(graphdef, v)``.
+
+      >>> import jax.numpy as jnp, arbax as nnx
+      >>> class Foo(nnx.Module):
+      ...   def __init__(self):
+      ...     self.w = nnx.Param(jnp.ones(2))
+      ...     self.n = nnx.BatchStat(jnp.zeros(()))
+      >>> foo = Foo()
+      >>> graphdef, params, rest = nnx.split(foo, nnx.Param, ...)
+      >>> list(params), list(rest), params['w'] is foo.w
+      (['w'], ['n'], True)
+
+  Args:
+    node: an object, or any pytree of objects.
+    *filters: how to group the leaves (types, tags, predicates, ``...``); none
+      gives one State of everything.
+    graph: graph mode (shared references allowed); None uses ``nnx.set_graph_mode``.
+
+  Returns:
+    ``(graphdef, state)``, or ``(graphdef, state_1, ..., state_n)`` for n filters.
   """
-  fl, _ = flatten_cached(node, graph=graph, context='tree-mode split')
-  return (fl.graphdef, *_states(fl, filters, strict=True))
+  fl, _ = _flat(node, graph, 'tree-mode split')
+  return (fl.graphdef, *group_states(fl, filters, strict=True))
 
 
 def graphdef(node, /, *, graph: bool | None = None) -> GraphDef:
-  """The GraphDef of ``node`` (its structure, no state)."""
-  return flatten_cached(node, graph=graph, context='tree-mode graphdef')[0].graphdef
+  """The GraphDef of ``node``: its structure without its state, as ``split`` returns it.
+
+      >>> import jax.numpy as jnp, arbax as nnx
+      >>> class Foo(nnx.Module):
+      ...   def __init__(self):
+      ...     self.w = nnx.Param(jnp.ones(2))
+      >>> nnx.graphdef(Foo()) == nnx.graphdef(Foo())    # same structure, same GraphDef
+      True
+
+  Args:
+    node: an object, or any pytree of objects.
+    graph: graph mode (shared references allowed); None uses ``nnx.set_graph_mode``.
+
+  Returns:
+    The GraphDef; ``nnx.merge(graphdef, state)`` rebuilds an object from it.
+  """
+  return _flat(node, graph, 'tree-mode graphdef')[0].graphdef
 
 
 def state(node, *filters, graph: bool | None = None):
-  """The State of ``node`` (any pytree of objects): one State per filter, holding the live Variables.
+  """The State of ``node``: its live Variables, one State per filter.
 
-  Unlike ``split``, leaves that no filter matches are left out.
+  Unlike ``split``, leaves that no filter matches are simply left out, and there
+  is no GraphDef. The State holds the Variables themselves, not copies.
+
+      >>> import jax.numpy as jnp, arbax as nnx
+      >>> class Foo(nnx.Module):
+      ...   def __init__(self):
+      ...     self.w = nnx.Param(jnp.ones(2))
+      ...     self.n = nnx.BatchStat(jnp.zeros(()))
+      >>> foo = Foo()
+      >>> list(nnx.state(foo)), list(nnx.state(foo, nnx.Param))
+      (['n', 'w'], ['w'])
+      >>> nnx.state(foo, nnx.Param)['w'] is foo.w
+      True
+
+  Args:
+    node: an object, or any pytree of objects.
+    *filters: how to group the leaves; none gives one State of everything.
+    graph: graph mode (shared references allowed); None uses ``nnx.set_graph_mode``.
+
+  Returns:
+    A State for zero or one filter, else a tuple of States (one per filter).
   """
-  fl, _ = flatten_cached(node, graph=graph, context='tree-mode state')
-  states = _states(fl, filters, strict=False)
+  fl, _ = _flat(node, graph, 'tree-mode state')
+  states = group_states(fl, filters, strict=False)
   return states[0] if len(states) == 1 else states
 
 
 def variables(node, *filters, graph: bool | None = None):
-  """The Variables of ``node`` as State(s); like ``state`` (raw array attributes included, as NNX)."""
-  fl, _ = flatten_cached(node, graph=graph, context='tree-mode variables')
-  states = _states(fl, filters, strict=False)
+  """The Variables of ``node`` as State(s): the same as ``state`` (raw arrays included, as NNX).
+
+      >>> import jax.numpy as jnp, arbax as nnx
+      >>> class Foo(nnx.Module):
+      ...   def __init__(self):
+      ...     self.w = nnx.Param(jnp.ones(2))
+      ...     self.n = nnx.BatchStat(jnp.zeros(()))
+      >>> list(nnx.variables(Foo(), nnx.BatchStat))
+      ['n']
+
+  Args:
+    node: an object, or any pytree of objects.
+    *filters: how to group the leaves; none gives one State of everything.
+    graph: graph mode (shared references allowed); None uses ``nnx.set_graph_mode``.
+
+  Returns:
+    A State for zero or one filter, else a tuple of States (one per filter).
+  """
+  fl, _ = _flat(node, graph, 'tree-mode variables')
+  states = group_states(fl, filters, strict=False)
   return states[0] if len(states) == 1 else states
+
+
+def unpack(node, *filters, graph: bool | None = None):
+  """Like ``split``, but each State comes bundled with the GraphDef as a ``GraphState``.
+
+  ``nnx.merge`` takes the GraphStates back without a separate GraphDef to carry.
+
+      >>> import jax.numpy as jnp, arbax as nnx
+      >>> class Foo(nnx.Module):
+      ...   def __init__(self):
+      ...     self.w = nnx.Param(jnp.ones(2))
+      ...     self.n = nnx.BatchStat(jnp.zeros(()))
+      >>> foo = Foo()
+      >>> params, rest = nnx.unpack(foo, nnx.Param, ...)
+      >>> list(params), nnx.merge(params, rest).w is foo.w
+      (['w'], True)
+
+  Args:
+    node: the object to unpack.
+    *filters: as for ``split``; with none or one filter a single GraphState is returned.
+    graph: graph mode (shared references allowed); None uses ``nnx.set_graph_mode``.
+
+  Returns:
+    A GraphState, or a tuple of them for two filters or more.
+  """
+  graphdef, *states = split(node, *filters, graph=graph)
+  out = tuple(GraphState(graphdef, s) for s in states)
+  return out[0] if len(out) == 1 else out
 
 
 # -- merge --------------------------------------------------------------------
 
 
 def merged_leaves(graphdef: GraphDef, states: tp.Sequence) -> list:
-  """The leaves of ``states`` in ``graphdef``'s order, checking that they fit exactly."""
+  """The leaves of ``states`` in ``graphdef``'s order, checking that they fit exactly.
+
+  ``states`` are States or nested dicts (FlatStates and GraphStates are accepted
+  too); for a GraphDef whose root is a leaf, the one non-empty entry is that leaf.
+  """
   paths = graphdef.leaf_paths
   if graphdef.skeleton is None:  # a bare Variable / array at the root
-    if len(states) == 1 and not isinstance(states[0], dict) and len(paths) == 1:
-      return [states[0]]
-  for s in states:
-    if not isinstance(s, dict):
-      raise ValueError(f'merge expects States (or nested dicts) after the GraphDef, got a '
-                       f'{type(s).__name__}: {s!r:.80}')
+    given = [s for s in states if not (isinstance(s, (dict, FlatState)) and not s)]
+    if len(given) == 1 and len(paths) == 1:
+      leaf = given[0]
+      if isinstance(leaf, FlatState) and leaf.paths == ((),):
+        leaf = leaf.leaves[0]
+      if not isinstance(leaf, (dict, FlatState, GraphState)):
+        return [leaf]
+  states = [_as_mapping(s) for s in states]
   if len(states) == 1:
     out: list = []
     if graphdef.read_state(states[0], out):
@@ -178,23 +302,111 @@ def merged_leaves(graphdef: GraphDef, states: tp.Sequence) -> list:
   return leaves
 
 
-def merge(graphdef: GraphDef, /, *states, copy: bool = False, recreate_variables: bool = True):
-  """Build an object from a GraphDef and the States ``split`` returned.
+def _as_mapping(s):
+  if isinstance(s, dict):
+    return s
+  if isinstance(s, GraphState):
+    return s._state
+  if isinstance(s, FlatState):
+    return from_flat_state(s)
+  raise ValueError(f'merge expects States (or nested dicts) after the GraphDef, got a '
+                   f'{type(s).__name__}: {s!r:.80}')
+
+
+def _positional_leaves(graphdef: GraphDef, leaves: tp.Sequence) -> list:
+  """A list of leaves as ``flatten(..., with_paths=False)`` returns them, in ``graphdef``'s order.
+
+  Tree-mode lists are in sorted-path order (NNX's), graph-mode ones in traversal order.
+  """
+  leaves = list(leaves)
+  if len(leaves) != len(graphdef.leaf_paths):
+    raise ValueError(f'Incorrect number of leaves: the GraphDef needs {len(graphdef.leaf_paths)}, '
+                     f'got {len(leaves)}.')
+  order = _tree_order(graphdef)
+  if order is None:
+    return leaves
+  out = [None] * len(leaves)
+  for position, i in enumerate(order):
+    out[i] = leaves[position]
+  return out
+
+
+def _tree_order(graphdef: GraphDef) -> list[int] | None:
+  """For a tree-mode GraphDef, the leaf indices in sorted-path order (None when it is the
+  traversal order already, or in graph mode)."""
+  if graphdef.graph:
+    return None
+  order = graphdef.memo.get('tree_order', _MISSING)
+  if order is _MISSING:
+    order = path_order(graphdef.leaf_paths)
+    order = graphdef.memo['tree_order'] = None if order == sorted(order) else order
+  return order
+
+
+def _graphdef_and_states(first, states):
+  if isinstance(first, GraphState):
+    for gs in (first, *states):
+      if not isinstance(gs, GraphState):
+        raise ValueError(f'Expected GraphState objects after a GraphState, got a '
+                         f'{type(gs).__name__}. Pass all states as nnx.unpack returned them.')
+      if gs._graphdef != first._graphdef:
+        raise ValueError('The GraphDef must be the same for all GraphState objects: they come '
+                         'from different objects (or different nnx.unpack calls on a changed one).')
+    return first._graphdef, tuple(gs._state for gs in (first, *states))
+  if isinstance(first, tuple) and len(first) == 2 and isinstance(first[0], GraphDef):
+    return first[0], (first[1], *states)
+  if not isinstance(first, GraphDef):
+    raise TypeError(f'merge expects a GraphDef (or GraphState) first, got a {type(first).__name__}.')
+  return first, states
+
+
+def merge(graphdef: GraphDef | GraphState, /, *states, copy: bool = False,
+          recreate_variables: bool = True):
+  """Build an object from a GraphDef and the States ``split`` returned (or from GraphStates).
 
   The new object holds the States' Variables themselves (shared with the
   object that was split); ``copy=True`` gives it copies. Raw values in the
-  States become Variables of the kind the GraphDef records.
+  States become Variables of the kind the GraphDef records, unless
+  ``recreate_variables=False`` (they then stay raw values).
+
+      >>> import jax.numpy as jnp, arbax as nnx
+      >>> class Foo(nnx.Module):
+      ...   def __init__(self):
+      ...     self.w = nnx.Param(jnp.ones(2))
+      >>> foo = Foo()
+      >>> graphdef, state = nnx.split(foo)
+      >>> nnx.merge(graphdef, state).w is foo.w, nnx.merge(graphdef, state, copy=True).w is foo.w
+      (True, False)
+      >>> type(nnx.merge(graphdef, {'w': jnp.zeros(2)}).w).__name__   # raw values: re-wrapped
+      'Param'
+
+  Args:
+    graphdef: the GraphDef from ``split``, or the first GraphState from ``unpack``.
+    *states: the States (nested dicts, FlatStates, or one list of leaves in flatten's order).
+    copy: give the new object copies of the Variables.
+    recreate_variables: wrap raw values in Variables of the recorded kind.
+
+  Returns:
+    The rebuilt object.
   """
-  del recreate_variables  # NNX's flag for its Variable internals; Variables here are always reused
-  if isinstance(graphdef, tuple) and len(graphdef) == 2 and isinstance(graphdef[0], GraphDef):
-    graphdef, states = graphdef[0], (graphdef[1], *states)
-  if not isinstance(graphdef, GraphDef):
-    raise ValueError(f'merge expects a GraphDef first, got a {type(graphdef).__name__}')
-  if len(states) == 1 and not copy:
+  if type(graphdef) is not GraphDef:
+    graphdef, states = _graphdef_and_states(graphdef, states)
+  if not states:
+    raise TypeError("merge() missing 1 required positional argument: 'state'")
+  if len(states) == 1 and not copy and recreate_variables:
     out = graphdef.build_from_state(states[0])
     if out is not NO_FIT:
       return out
-  return graphdef.build(merged_leaves(graphdef, states), copy_variables=copy)
+  if type(states[0]) is list:
+    if len(states) != 1:
+      raise ValueError('merge: a list of leaves must be the only state passed.')
+    leaves = _positional_leaves(graphdef, states[0])
+  else:
+    leaves = merged_leaves(graphdef, states)
+  if recreate_variables:
+    return graphdef.build(leaves, copy_variables=copy)
+  return unflatten_indexed(graphdef, leaves, None, None, copy_variables=copy,
+                           recreate_variables=False)
 
 
 # -- update -------------------------------------------------------------------
@@ -203,14 +415,37 @@ def merge(graphdef: GraphDef, /, *states, copy: bool = False, recreate_variables
 def update(node, state, /, *states) -> None:
   """Write the values of ``state`` (and ``states``) into the Variables of ``node`` in place.
 
-  Accepts what ``state`` / ``split`` returned for the same structure, whole or
-  filtered (``nnx.update((model, optimizer), nnx.state((model, optimizer)))``),
-  and nested dicts of raw values. Every holder of a Variable sees the new value.
-  A path ``node`` does not have yet is added as a new attribute of its parent.
+  Accepts what ``state`` / ``split`` / ``unpack`` returned for the same
+  structure, whole or filtered (``nnx.update((model, optimizer),
+  nnx.state((model, optimizer)))``), and nested dicts of raw values. Every
+  holder of a Variable sees the new value. A path ``node`` does not have yet
+  is added to its parent (an object, dict or list); a non-Variable entry
+  replaces the parent's value. For a bare Variable ``node``, pass the one
+  value (or Variable) to write; empty States alongside it are ignored.
+
+      >>> import jax.numpy as jnp, arbax as nnx
+      >>> class Foo(nnx.Module):
+      ...   def __init__(self):
+      ...     self.w = nnx.Param(jnp.ones(2))
+      >>> foo = Foo()
+      >>> w = foo.w
+      >>> nnx.update(foo, {'w': jnp.array([3.0, 4.0])})
+      >>> foo.w is w, w[...].tolist()                 # the same Variable, a new value
+      (True, [3.0, 4.0])
+
+  Args:
+    node: the object (or pytree of objects) to write into.
+    state: a State, nested dict, GraphState or FlatState.
+    *states: more of them, applied in order.
   """
+  if isinstance(node, Variable):
+    _update_variable(node, (state, *states))
+    return
   fl, entry = flatten_cached(node, graph=True, context='update')
   trace = _TraceCheck()
   for s in (state, *states):
+    if isinstance(s, (GraphState, FlatState)):
+      s = _as_mapping(s)
     if isinstance(s, Variable) or not isinstance(s, dict):
       raise ValueError(f'update expects States (or nested dicts), got a {type(s).__name__}')
     values: list = []
@@ -219,6 +454,17 @@ def update(node, state, /, *states) -> None:
         _write_all(node, fl, values, trace)
     else:
       _write_paths(node, fl, entry, flat_dict(s), trace)
+
+
+def _update_variable(target: Variable, states: tuple) -> None:
+  given = [s for s in states if not (isinstance(s, (dict, FlatState, GraphState)) and not s)]
+  if len(given) != 1 or isinstance(given[0], (dict, GraphState)):
+    raise ValueError(f'update of a bare {type(target).__name__} expects exactly one non-empty '
+                     f'state (its new value or a Variable), got {states!r:.200}')
+  new = given[0]
+  if isinstance(new, FlatState):
+    new = _as_mapping(new) if new.paths != ((),) else new.leaves[0]
+  _write(target, new, _TraceCheck(), ())
 
 
 class _TraceCheck:
@@ -317,10 +563,15 @@ def _add_path(node, path, new) -> None:
     parent = _get_by_path(node, path[:-1])
   except (KeyError, IndexError, AttributeError, TypeError):
     parent = None
-  if not path or not isinstance(parent, Pytree) or isinstance(parent, List):
+  key = path[-1] if path else None
+  if isinstance(parent, (list, List)) and isinstance(key, int) and key == len(parent):
+    parent.append(new)
+    return
+  if not (isinstance(parent, dict) or isinstance(parent, Pytree) and not isinstance(parent, List)
+          or isinstance(parent, (list, List)) and isinstance(key, int) and key < len(parent)):
     raise ValueError(f'update: {format_path(path)} is not in the {type(node).__name__} and its '
-                     'parent is not an object it could be added to. Was the State made from '
-                     'another structure?')
+                     f'parent ({type(parent).__name__}) is not an object, dict or list it could be '
+                     'added to. Was the State made from another structure?')
   _set_by_path(node, path, new)
 
 
@@ -358,11 +609,30 @@ def _del_by_path(root, path):
 
 
 def clone(node, variables: bool = True, *, arrays: bool = False, graph: bool | None = None):
-  """A structural copy of ``node``: new Pytrees and (``variables=True``) new Variables with the same
-  values and metadata, belonging to the current trace.
+  """A structural copy of ``node``: new objects and (``variables=True``) new Variables.
 
-  ``arrays=True`` also copies raw arrays. Call it inside a transform on objects
-  that came from outside, so they may be written there.
+  The copies have the same values and metadata and belong to the current trace,
+  so calling it inside a transform on objects from outside gives objects that
+  may be written there. Shared references stay shared in the copy.
+
+      >>> import jax.numpy as jnp, arbax as nnx
+      >>> class Foo(nnx.Module):
+      ...   def __init__(self):
+      ...     self.w = nnx.Param(jnp.ones(2))
+      >>> foo = Foo()
+      >>> twin = nnx.clone(foo)
+      >>> twin.w[...] = jnp.zeros(2)
+      >>> foo.w[...].tolist(), twin.w[...].tolist()
+      ([1.0, 1.0], [0.0, 0.0])
+
+  Args:
+    node: an object, or any pytree of objects.
+    variables: give the copy new Variables (False: it shares ``node``'s).
+    arrays: also copy the arrays (raw ones and those in the Variables).
+    graph: graph mode (shared references allowed); None uses ``nnx.set_graph_mode``.
+
+  Returns:
+    The copy.
   """
   fl = _flatten(node, graph=graph, context='tree-mode clone')
   leaves = fl.leaves
@@ -382,14 +652,31 @@ def _copy_array(x):
 
 
 def pop(node, *filters):
-  """Remove the Variables matching ``filters`` from ``node``; return them as State(s), one per filter.
+  """Remove the Variables matching ``filters`` from ``node``; return them, one State per filter.
 
   ``nnx.update(node, popped)`` puts them back.
+
+      >>> import jax.numpy as jnp, arbax as nnx
+      >>> class Foo(nnx.Module):
+      ...   def __init__(self):
+      ...     self.w = nnx.Param(jnp.ones(2))
+      ...     self.seen = nnx.Intermediate(3)
+      >>> foo = Foo()
+      >>> popped = nnx.pop(foo, nnx.Intermediate)
+      >>> list(popped), hasattr(foo, 'seen')
+      (['seen'], False)
+
+  Args:
+    node: the object to remove Variables from (graph mode).
+    *filters: at least one filter; each Variable goes to the first that matches.
+
+  Returns:
+    A State for one filter, else a tuple of States.
   """
   if not filters:
     raise ValueError('Expected at least one filter: pop(node, nnx.Intermediate) for example.')
   fl = _flatten(node, graph=True)
-  states = _states(fl, filters, strict=False)
+  states = group_states(fl, filters, strict=False)
   for s in states:
     for path in reversed(list(flat_dict(s))):  # reversed: later list items first
       _del_by_path(node, path)
@@ -431,31 +718,80 @@ def _attr_sort_key(k):
 
 
 def _walk(node, graph: bool, context: str, visit_node, visit_leaf, visit_dup):
-  """Post-order traversal shared by iter_graph / find_duplicates / recursive_map."""
-  seen: dict = {}
+  """Post-order traversal shared by iter_graph / find_duplicates / recursive_map.
+
+  Graph mode meets every Variable and Pytree once (``visit_dup`` for later
+  references). Tree mode follows the pytree: a Variable met twice or a cycle
+  raises a ValueError naming both paths, a shared Pytree without Variables is
+  simply visited again, and a ``pytree=False`` object raises.
+  """
+  seen: dict = {}         # graph mode: every object met; tree mode: the Variables met
+  in_progress: dict = {}  # tree mode: the Pytrees on the current path (a cycle returns to one)
 
   def go(x, path):
-    if isinstance(x, (Variable, Pytree)):
+    if isinstance(x, Variable):
       first = seen.get(id(x))
+      if first is not None:
+        if not graph:
+          raise alias_error('Variable', path, first, f'tree-mode {context}', type(x).__name__)
+        return visit_dup(x, path)
+      seen[id(x)] = path
+      return visit_leaf(x, path)
+    tracked = None
+    if isinstance(x, Pytree):
+      if not type(x)._arbax_pytree:
+        if not graph:
+          raise not_a_pytree_error(x, context, path)
+        return visit_leaf(x, path)
+      tracked = seen if graph else in_progress
+      first = tracked.get(id(x))
       if first is not None:
         if not graph:
           raise alias_error(type(x).__name__, path, first, f'tree-mode {context}')
         return visit_dup(x, path)
-      seen[id(x)] = path
+      tracked[id(x)] = path
     children = _children(x, graph)
     if children is None:
       return visit_leaf(x, path)
-    return visit_node(x, path, [(k, go(c, path + (k,))) for k, c in children])
+    out = visit_node(x, path, [(k, go(c, path + (k,))) for k, c in children])
+    if tracked is in_progress:
+      del in_progress[id(x)]
+    return out
 
   return go(node, ())
 
 
-def iter_graph(node, /, *, graph: bool | None = None) -> tp.Iterator[tuple[tuple, tp.Any]]:
-  """``(path, value)`` for every Pytree, container, Variable and leaf in ``node``, children
-  before their parent, in pytree order.
+def not_a_pytree_error(x, fn_name: str, path) -> ValueError:
+  """The error of a tree-mode traversal meeting an object of a ``pytree=False`` class."""
+  return ValueError(
+      f"Cannot use '{fn_name}' with graph=False on a '{type(x).__name__}' instance that has "
+      f'pytree=False. Found at path: {format_path(path)}. Classes declared with pytree=False are '
+      'not JAX pytrees, so tree mode cannot look inside them: pass graph=True (or use the '
+      f'nnx.compat version of {fn_name}), or declare the class without pytree=False.')
 
-  Tree mode raises a ValueError on a shared reference; graph mode yields each
-  object once and also yields the static attributes of Pytrees.
+
+def iter_graph(node, /, *, graph: bool | None = None) -> tp.Iterator[tuple[tuple, tp.Any]]:
+  """``(path, value)`` for everything in ``node``, children before their parent.
+
+  Every Pytree, container, Variable and leaf is visited in pytree order (keys
+  sorted); the root comes last at path ``()``. Graph mode yields a shared object
+  once and also yields the static attributes of Pytrees; tree mode raises a
+  ValueError on a shared reference.
+
+      >>> import jax.numpy as jnp, arbax as nnx
+      >>> class Foo(nnx.Module):
+      ...   def __init__(self):
+      ...     self.w = nnx.Param(jnp.ones(2))
+      ...     self.n = nnx.BatchStat(jnp.zeros(()))
+      >>> [path for path, _ in nnx.iter_graph(Foo())]
+      [('n',), ('w',), ()]
+
+  Args:
+    node: an object, or any pytree of objects.
+    graph: graph mode (shared references allowed); None uses ``nnx.set_graph_mode``.
+
+  Returns:
+    An iterator of ``(path, value)`` pairs.
   """
   graph = _settings.graph_mode(graph)
   out: list = []
@@ -471,8 +807,22 @@ def iter_graph(node, /, *, graph: bool | None = None) -> tp.Iterator[tuple[tuple
 
 
 def find_duplicates(node, /, *, only: filterlib.Filter = ...) -> list[list[tuple]]:
-  """Groups of paths that reach the same Variable or Pytree (shared references), for those
-  matching ``only``."""
+  """The shared references in ``node``: groups of paths that reach the same Variable or Pytree.
+
+      >>> import arbax as nnx
+      >>> class Tied(nnx.Module):
+      ...   def __init__(self):
+      ...     self.encoder = self.decoder = nnx.Param(1.0)
+      >>> nnx.find_duplicates(Tied())
+      [[('decoder',), ('encoder',)]]
+
+  Args:
+    node: an object, or any pytree of objects (walked in graph mode).
+    only: a filter: only the shared objects it matches (at their first path) are reported.
+
+  Returns:
+    One list of sorted paths per shared object.
+  """
   predicate = filterlib.to_predicate(only)
   paths_by_id: dict = {}
   objects: dict = {}
@@ -490,11 +840,29 @@ def find_duplicates(node, /, *, only: filterlib.Filter = ...) -> list[list[tuple
 
 
 def recursive_map(f: tp.Callable[[tuple, tp.Any], tp.Any], node, /, *, graph: bool | None = None):
-  """Rebuild ``node`` bottom-up: ``f(path, x)`` is applied to every leaf, Variable, container and
-  Pytree (the latter already holding the mapped children); the result replaces ``x``.
+  """Rebuild ``node`` bottom-up, replacing everything in it by ``f(path, x)``.
 
-  Pytrees and containers are rebuilt (the original is not modified); in graph
-  mode a shared object is mapped once and its result shared.
+  ``f`` is applied to every leaf, Variable, container and Pytree (the latter
+  already holding the mapped children) and its result replaces ``x``. Pytrees
+  and containers are rebuilt, so ``node`` is not modified; in graph mode a
+  shared object is mapped once and its result shared.
+
+      >>> import jax.numpy as jnp, arbax as nnx
+      >>> class Foo(nnx.Module):
+      ...   def __init__(self):
+      ...     self.w = nnx.Param(jnp.ones(2))
+      >>> foo = Foo()
+      >>> double = lambda path, x: x.replace(2 * x[...]) if isinstance(x, nnx.Variable) else x
+      >>> nnx.recursive_map(double, foo).w[...].tolist(), foo.w[...].tolist()
+      ([2.0, 2.0], [1.0, 1.0])
+
+  Args:
+    f: ``f(path, x) -> replacement``.
+    node: an object, or any pytree of objects.
+    graph: graph mode (shared references allowed); None uses ``nnx.set_graph_mode``.
+
+  Returns:
+    The rebuilt node.
   """
   graph = _settings.graph_mode(graph)
   done: dict = {}
@@ -570,24 +938,72 @@ class _Caller:
 
 
 def call(graphdef_state, /) -> _Caller:
-  """Call a method of the node a ``(graphdef, state)`` pair describes, purely:
+  """Call a method of the object a ``(graphdef, state)`` pair describes, purely.
 
-      y, (graphdef, state) = nnx.call((graphdef, state))(x)          # __call__
-      _, (graphdef, state) = nnx.call((graphdef, state))['b'].reset()
+  Equivalent to merge, call, split: the call returns ``(output, (graphdef,
+  state))`` with the updated state. The merged object holds the pair's own
+  Variables, so value updates also show in the State passed in. Attribute and
+  item access choose the method (``nnx.call(pair)['b'].reset()``). Handy
+  inside plain ``jax`` transforms, where the pair is a pytree.
 
-  Equivalent to merge, call, split; handy inside plain ``jax`` transforms.
+      >>> import jax.numpy as jnp, arbax as nnx
+      >>> class Counter(nnx.Module):
+      ...   def __init__(self):
+      ...     self.count = nnx.BatchStat(jnp.array(0))
+      ...   def __call__(self, x):
+      ...     self.count[...] += 1
+      ...     return 2 * x
+      ...   def reset(self):
+      ...     self.count[...] = 0
+      >>> pair = nnx.split(Counter())
+      >>> y, pair = nnx.call(pair)(3)                 # __call__
+      >>> y, int(pair[1]['count'][...])
+      (6, 1)
+      >>> _, pair = nnx.call(pair).reset()
+      >>> int(pair[1]['count'][...])
+      0
+
+  Args:
+    graphdef_state: a ``(graphdef, state)`` pair as ``nnx.split`` returns it.
+
+  Returns:
+    A caller: call it to run ``__call__``, or pick a method on it first.
   """
   return _Caller(graphdef_state)
 
 
 def as_pure(tree):
-  """``tree`` with every Variable replaced by its value (e.g. a State for export)."""
+  """``tree`` with every Variable replaced by its value: plain arrays, e.g. a State for export.
+
+      >>> import jax.numpy as jnp, arbax as nnx
+      >>> state = nnx.State({'w': nnx.Param(jnp.ones(2)), 'n': nnx.BatchStat(0)})
+      >>> nnx.as_pure(state)['n'], type(nnx.as_pure(state)['w']).__name__
+      (0, 'ArrayImpl')
+
+  Args:
+    tree: any pytree (a State, a tuple of States, ...).
+
+  Returns:
+    The same pytree with values in place of Variables.
+  """
   return jax.tree_util.tree_map(lambda x: x.get_value() if isinstance(x, Variable) else x, tree,
                                 is_leaf=lambda x: isinstance(x, Variable))
 
 
 def pure(tree):
-  """Deprecated name of ``as_pure``."""
+  """Deprecated name of ``as_pure``: warns (DeprecationWarning), then returns ``as_pure(tree)``.
+
+      >>> import warnings, arbax as nnx
+      >>> with warnings.catch_warnings(record=True):
+      ...   nnx.pure({'w': nnx.Param(1.0)})
+      {'w': 1.0}
+
+  Args:
+    tree: any pytree.
+
+  Returns:
+    The same pytree with values in place of Variables.
+  """
   warnings.warn('This function is deprecated. Use as_pure instead.', DeprecationWarning,
                 stacklevel=2)
   return as_pure(tree)
@@ -597,41 +1013,153 @@ def map(f: tp.Callable[[tuple, tp.Any], tp.Any], node, /, *, graph: bool | None 
         recreate_variables: bool = True):
   """A new node whose Variables are ``f(path, variable)``; ``node`` is unchanged.
 
-      zeroed = nnx.map(lambda path, v: v.replace(jnp.zeros_like(v)), model)
+  ``f`` may return a Variable (used as it is: returning ``v`` keeps that very
+  Variable) or a raw value, which becomes a new Variable of the kind and metadata
+  of the one it replaces, or stays a raw value with ``recreate_variables=False``.
+  A bare Variable ``node`` is mapped as the single leaf at path ``()``.
+
+      >>> import jax.numpy as jnp, arbax as nnx
+      >>> class Foo(nnx.Module):
+      ...   def __init__(self):
+      ...     self.w = nnx.Param(jnp.ones(2))
+      >>> foo = Foo()
+      >>> zeroed = nnx.map(lambda path, v: jnp.zeros_like(v), foo)
+      >>> type(zeroed.w).__name__, zeroed.w[...].tolist(), foo.w[...].tolist()
+      ('Param', [0.0, 0.0], [1.0, 1.0])
+
+  Args:
+    f: ``f(path, variable) -> Variable or value``.
+    node: the object (or pytree of objects) to map.
+    graph: graph mode (shared references allowed); None uses ``nnx.set_graph_mode``.
+    recreate_variables: wrap raw results in Variables of the replaced kind.
+
+  Returns:
+    A new object of ``node``'s structure.
   """
   graphdef, state = split(node, graph=graph)
-  new_state = map_state(f, state)
+  if graphdef.skeleton is None:  # the root is a leaf (a Variable, an array): its own "state"
+    new_state = f((), state)
+  else:
+    new_state = map_state(f, state)
   return merge(graphdef, new_state, recreate_variables=recreate_variables)
 
 
-def flatten(node, /, *, with_paths: bool = True, graph: bool | None = None):
-  """``(GraphDef, FlatState)``: the structure and the ``(path, leaf)`` pairs in pytree order;
-  ``with_paths=False`` gives a plain list of leaves instead of the FlatState."""
-  fl = _flatten(node, graph=graph, context='tree-mode flatten')
-  if not with_paths:
-    return fl.graphdef, list(fl.leaves)
-  return fl.graphdef, FlatState(zip(fl.paths, fl.leaves), sort=False)
+def flatten(node, /, *, with_paths: bool = True, ref_index: RefMap | None = None,
+            ref_outer_index: RefMap | None = None, graph: bool | None = None):
+  """``(GraphDef, FlatState)``: the structure and the ``(path, leaf)`` pairs.
 
+  Graph mode lists the leaves in traversal order, tree mode sorted by path
+  (NNX's orders); ``with_paths=False`` gives a plain list of leaves in the
+  same order. ``ref_index`` (a ``RefMap``) lets several flattens share one
+  index space: objects it holds become refs, new ones are added to it;
+  ``ref_outer_index`` records for each object the index of the outer object
+  it stands for (see ``nnx.update_context``). Both imply graph mode.
 
-def unflatten(graphdef: GraphDef, state, /, *, copy_variables: bool = False,
-              recreate_variables: bool = True):
-  """Inverse of ``flatten``: accepts a FlatState, a State, ``[(path, leaf)]`` or a list of leaves."""
-  del recreate_variables
-  if isinstance(state, dict):
-    return merge(graphdef, state, copy=copy_variables)
-  if isinstance(state, FlatState):
-    leaves = list(state.leaves)
+      >>> import jax.numpy as jnp, arbax as nnx
+      >>> class Foo(nnx.Module):
+      ...   def __init__(self):
+      ...     self.w = nnx.Param(jnp.ones(2))
+      ...     self.n = nnx.BatchStat(jnp.zeros(()))
+      >>> graphdef, flat = nnx.flatten(Foo())
+      >>> [path for path, _ in flat]
+      [('n',), ('w',)]
+      >>> nnx.unflatten(graphdef, flat).w is flat[1][1]
+      True
+
+  Args:
+    node: the object (or pytree of objects) to flatten.
+    with_paths: return a FlatState (True) or a list of leaves (False).
+    ref_index: the shared object -> index map to continue (graph mode).
+    ref_outer_index: inner object -> outer index, recorded in the GraphDef.
+    graph: graph mode; None uses ``nnx.set_graph_mode``.
+
+  Returns:
+    ``(graphdef, flat_state)`` or ``(graphdef, leaves)``.
+  """
+  if ref_index is not None or ref_outer_index is not None:
+    if graph is False:
+      raise ValueError('flatten: ref_index / ref_outer_index need graph mode; drop graph=False.')
+    fl = flatten_indexed(node, ref_index, ref_outer_index, context='flatten')
   else:
-    items = list(state)
-    if items and all(isinstance(i, tuple) and len(i) == 2 and isinstance(i[0], tuple) for i in items):
-      leaves = [v for _, v in items]
-    else:
-      leaves = items
-  if len(leaves) != len(graphdef.leaf_paths):
-    raise ValueError(f'Incorrect number of leaves: the GraphDef needs {len(graphdef.leaf_paths)}, '
-                     f'got {len(leaves)}.')
-  return graphdef.build(leaves, copy_variables=copy_variables)
+    fl = _flat_uncached(node, graph)
+  paths, leaves = fl.paths, fl.leaves
+  order = _tree_order(fl.graphdef)
+  if order is not None:
+    paths, leaves = [paths[i] for i in order], [leaves[i] for i in order]
+  if not with_paths:
+    return fl.graphdef, list(leaves)
+  return fl.graphdef, FlatState(zip(paths, leaves), sort=False)
 
 
-__all__ = ['call', 'as_pure', 'pure', 'map', 'split', 'merge', 'state', 'update', 'graphdef', 'clone', 'pop', 'iter_graph',
-           'variables', 'find_duplicates', 'recursive_map', 'flatten', 'unflatten']
+def _flat_uncached(node, graph: bool | None) -> Flattened:
+  fl = _flatten(node, graph=graph, context='tree-mode flatten')
+  if fl.graphdef.root[0] == STATIC and node is not None:
+    return Flattened(GraphDef(LEAF_DEF, ((),), fl.graphdef.graph), [node], [()], [])
+  return fl
+
+
+def unflatten(graphdef: GraphDef, state, /, *, index_ref: IndexMap | None = None,
+              outer_index_outer_ref: IndexMap | None = None, copy_variables: bool = False,
+              recreate_variables: bool = True):
+  """Inverse of ``flatten``: build the object of ``graphdef`` around ``state``.
+
+      >>> import jax.numpy as jnp, arbax as nnx
+      >>> class Foo(nnx.Module):
+      ...   def __init__(self):
+      ...     self.w = nnx.Param(jnp.ones(2))
+      >>> graphdef, leaves = nnx.flatten(Foo(), with_paths=False)
+      >>> nnx.unflatten(graphdef, [nnx.Param(jnp.zeros(2))]).w[...].tolist()
+      [0.0, 0.0]
+
+  Args:
+    graphdef: from ``flatten`` / ``split``.
+    state: a FlatState, a State (or nested dict), or a list of leaves in flatten's order.
+    index_ref: the shared index -> object map (``IndexMap``) of the unflattens so far;
+      refs resolve in it and the new objects are added to it.
+    outer_index_outer_ref: outer index -> outer object: objects the GraphDef records
+      with an outer index found here are those outer objects, updated in place.
+    copy_variables: give the object copies of the Variables in ``state``.
+    recreate_variables: wrap raw values in Variables of the recorded kind.
+
+  Returns:
+    The rebuilt object.
+  """
+  leaves = _unflatten_leaves(graphdef, state)
+  if (index_ref is None and outer_index_outer_ref is None and recreate_variables
+      and graphdef.base == 0):
+    return graphdef.build(leaves, copy_variables=copy_variables)
+  return unflatten_indexed(graphdef, leaves, index_ref, outer_index_outer_ref,
+                           copy_variables=copy_variables, recreate_variables=recreate_variables)
+
+
+def _unflatten_leaves(graphdef: GraphDef, state) -> list:
+  n = len(graphdef.leaf_paths)
+  if graphdef.skeleton is None and not isinstance(state, (dict, GraphState, FlatState, list)):
+    return [state]  # the GraphDef of a bare leaf, and that leaf
+  if isinstance(state, FlatState):
+    if state.paths == graphdef.leaf_paths:
+      return list(state.leaves)
+    if len(state) != n:
+      raise ValueError(f'Incorrect number of leaves: the GraphDef needs {n}, got {len(state)}.')
+    by_path = dict(zip(state.paths, state.leaves))
+    try:
+      return [by_path[p] for p in graphdef.leaf_paths]
+    except KeyError as e:
+      raise ValueError(f'unflatten: the FlatState has no leaf at {format_path(e.args[0])}, which '
+                       'the GraphDef needs. Was it made from another structure?') from None
+  if isinstance(state, (dict, GraphState)):
+    state = _as_mapping(state)
+    found = len(flat_dict(state))
+    if found != n and graphdef.skeleton is not None:
+      raise ValueError(f'Incorrect number of leaves: the GraphDef needs {n}, the State has '
+                       f'{found}.')
+    return merged_leaves(graphdef, (state,))
+  items = list(state)
+  if items and all(isinstance(i, tuple) and len(i) == 2 and isinstance(i[0], tuple) for i in items):
+    return _unflatten_leaves(graphdef, FlatState(items, sort=False))
+  return _positional_leaves(graphdef, items)
+
+
+__all__ = ['call', 'as_pure', 'pure', 'map', 'split', 'merge', 'state', 'update', 'graphdef', 'clone',
+           'pop', 'iter_graph', 'variables', 'find_duplicates', 'recursive_map', 'flatten',
+           'unflatten', 'unpack', 'PureState']

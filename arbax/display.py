@@ -3,6 +3,11 @@
     >>> import jax.numpy as jnp, arbax as nnx
     >>> print(repr(nnx.Param(jnp.ones((2, 5)))).splitlines()[0])
     Param( # 10 (40 B)
+
+The reprs are NNX's: Python containers inline, classes by name (``dtype=float32``),
+arrays in full at the top of a Variable or State and as shape and dtype inside
+a layer. Variables, Pytrees and States reach these functions through
+``arbax.reprhook``, where this module installs them when imported.
 """
 from __future__ import annotations
 
@@ -12,15 +17,18 @@ import typing as tp
 import jax
 import numpy as np
 
+from arbax import reprhook
 from arbax.pytree import Dict, List, Pytree, attributes, node_parts
-from arbax.variables import Variable
+from arbax.rngs import RngState
+from arbax.state import State
+from arbax.variables import Variable, using_eager_sharding, var_defaults
 
-__all__ = ['display', 'tabulate']
+__all__ = ['display', 'object_repr', 'treescope_repr', 'size_and_bytes', 'in_notebook']
 
 _INDENT = '  '
 
 
-def _size_and_bytes(x) -> tuple[int, int]:
+def size_and_bytes(x) -> tuple[int, int]:
   """(elements, bytes) of the arrays in ``x``; Python scalars are not counted (as in NNX)."""
   size = 0
   nbytes = 0
@@ -47,42 +55,57 @@ def _fmt_bytes(n: int) -> str:
 
 
 def kind_name(v: Variable) -> str:
-  return getattr(type(v), '_arbax_display_kind', None) or type(v).__name__
+  """The kind a Variable is counted under: its class, RNG state all as ``RngState`` (as in NNX)."""
+  return 'RngState' if isinstance(v, RngState) else type(v).__name__
 
 
-def _count_kinds(obj) -> dict[str, list[int]]:
-  counts: dict[str, list[int]] = {}
-  seen: set = set()
+# -- per-kind counts -------------------------------------------------------------
+class _Context:
+  """One repr call: the Pytrees already shown and the counts of every node (computed once)."""
 
-  def visit(x):
-    if isinstance(x, (Variable, Pytree)):
-      if id(x) in seen:
-        return
-      seen.add(id(x))
-    if isinstance(x, Variable):
-      size, nbytes = _size_and_bytes(x._value)
-      if not size and not nbytes:  # no arrays (a Python scalar, a tuple of ints): not counted
-        return
-      entry = counts.setdefault(kind_name(x), [0, 0])
-      entry[0] += size
-      entry[1] += nbytes
-    elif isinstance(x, Pytree):
-      keys, _ = node_parts(x)
-      for k in keys:
-        visit(x.__dict__[k])
-    elif isinstance(x, dict):
-      for v in x.values():
-        visit(v)
-    elif isinstance(x, (list, tuple)):
-      for v in x:
-        visit(v)
+  __slots__ = ('shown', 'counts')
 
-  visit(obj)
-  return counts
+  def __init__(self):
+    self.shown: set[int] = set()
+    self.counts: dict[int, dict[str, list[int]]] = {}
 
 
-def _summary(obj) -> str:
-  counts = _count_kinds(obj)
+def _counts(x, ctx: _Context) -> dict[str, list[int]]:
+  """``{kind: [elements, bytes]}`` under the Variable or Pytree ``x``. A Variable or Pytree
+  reachable twice is counted at its first place only."""
+  memo = ctx.counts.get(id(x))
+  if memo is not None:
+    return memo
+  out: dict[str, list[int]] = {}
+  ctx.counts[id(x)] = out
+  if isinstance(x, Variable):
+    size, nbytes = size_and_bytes(x._value)
+    if size or nbytes:  # no arrays (a Python scalar, a tuple of ints): not counted
+      out[kind_name(x)] = [size, nbytes]
+    return out
+  keys, _ = node_parts(x)
+  for key in keys:
+    _add_counts(out, x.__dict__[key], ctx)
+  return out
+
+
+def _add_counts(out: dict, x, ctx: _Context) -> None:
+  if isinstance(x, (Variable, Pytree)):
+    if id(x) in ctx.counts:
+      return
+    for kind, (n, b) in _counts(x, ctx).items():
+      entry = out.setdefault(kind, [0, 0])
+      entry[0] += n
+      entry[1] += b
+  elif isinstance(x, dict):
+    for v in x.values():
+      _add_counts(out, v, ctx)
+  elif isinstance(x, (list, tuple)):
+    for v in x:
+      _add_counts(out, v, ctx)
+
+
+def _summary(counts: dict[str, list[int]]) -> str:
   if not counts:
     return ''
   parts = [f'{k}: {n:,} ({_fmt_bytes(b)})' for k, (n, b) in counts.items()]
@@ -93,81 +116,105 @@ def _summary(obj) -> str:
   return ' # ' + ', '.join(parts)
 
 
-def _array_repr(x, full: bool) -> str:
-  if isinstance(x, jax.core.Tracer):
-    return repr(x)
+# -- text reprs ------------------------------------------------------------------
+def _array_repr(x, short: bool) -> str:
   size = int(np.prod(x.shape)) if x.shape else 1
-  if full or size <= 1:
-    return repr(x)
-  return f'{type(x).__name__ if isinstance(x, np.ndarray) else "Array"}(shape={x.shape}, dtype={x.dtype!r})'
+  if short and size > 1:
+    return f'Array(shape={x.shape}, dtype={x.dtype!r})'
+  return repr(x)
 
 
-def _indent_rest(text: str, level: int) -> str:
-  return text.replace('\n', '\n' + _INDENT * level)
+def _indent(text: str) -> str:
+  """Indent the continuation lines of a rendered value placed one level deeper."""
+  return text.replace('\n', '\n' + _INDENT)
 
 
-def _value_repr(x, level: int, full: bool, seen: set) -> str:
-  if isinstance(x, (Variable, Pytree)):
-    return _object_repr(x, level, full, seen)
-  if isinstance(x, (jax.Array, np.ndarray)) and hasattr(x, 'shape'):
-    return _indent_rest(_array_repr(x, full), level)
-  if isinstance(x, dict) and not full:  # a plain dict attribute: inline, like its repr
-    return '{' + ', '.join(f'{k!r}: {_value_repr(v, level, full, seen)}' for k, v in x.items()) + '}'
-  if isinstance(x, dict):  # a nested State level
-    return _block('{', '}', [f'{k!r}: {_value_repr(v, level + 1, full, seen)}' for k, v in x.items()],
-                  level)
-  if isinstance(x, (list, tuple)) and any(isinstance(v, (Variable, Pytree, jax.Array)) for v in x):
-    inner = ', '.join(_value_repr(v, level, full, seen) for v in x)
-    if isinstance(x, list):
-      return f'[{inner}]'
-    return f'({inner},)' if len(x) == 1 else f'({inner})'
-  return _indent_rest(repr(x), level)
-
-
-def _block(open_: str, close: str, entries: list[str], level: int) -> str:
+def _block(open_: str, close: str, entries: list[str]) -> str:
   """``open_`` + one entry per line, indented one level + ``close`` (``open_ + close`` if empty)."""
   if not entries:
     return open_ + close
-  pad = _INDENT * (level + 1)
-  return open_ + '\n' + ',\n'.join(pad + e for e in entries) + '\n' + _INDENT * level + close
+  return open_ + '\n' + ',\n'.join(_INDENT + _indent(e) for e in entries) + '\n' + close
 
 
-def _object_repr(obj, level: int, full: bool, seen: set) -> str:
+def _value(x, short: bool, ctx: _Context) -> str:
+  """How a value is shown: Python containers inline, classes by name; inside a layer
+  (``short``) arrays of more than one element as shape and dtype."""
+  if isinstance(x, Variable):
+    return _variable(x, short, ctx)
+  if isinstance(x, State):
+    return _state(x, short, ctx)
+  if isinstance(x, Pytree):
+    return _pytree(x, ctx)
+  if isinstance(x, (jax.Array, np.ndarray)):
+    return _array_repr(x, short)
+  if isinstance(x, type):
+    return x.__name__
+  if type(x) is list:
+    return '[' + ', '.join(_value(v, short, ctx) for v in x) + ']'
+  if type(x) is tuple:
+    inner = ', '.join(_value(v, short, ctx) for v in x)
+    return f'({inner},)' if len(x) == 1 else f'({inner})'
+  if type(x) is dict:
+    return '{' + ', '.join(f'{k!r}: {_value(v, short, ctx)}' for k, v in x.items()) + '}'
+  return repr(x)
+
+
+def _shown_metadata(v: Variable) -> list[tuple[str, tp.Any]]:
+  """The metadata worth showing: the switches only when they differ from their defaults."""
+  defaults = {'hijax': var_defaults().hijax, 'ref': False,
+              'eager_sharding': using_eager_sharding()}
+  return [(k, x) for k, x in v._meta.items.items() if k not in defaults or x != defaults[k]]
+
+
+def _variable(v: Variable, short: bool, ctx: _Context) -> str:
+  size, nbytes = size_and_bytes(v._value)
+  name = type(v).__name__
+  header = f'{name}( # {size:,} ({_fmt_bytes(nbytes)})' if size else f'{name}('
+  entries = [f'value={_value(v._value, short, ctx)}']
+  entries += [f'{k}={_value(x, short, ctx)}' for k, x in _shown_metadata(v)]
+  return _block(header, ')', entries)
+
+
+def _state(s, short: bool, ctx: _Context) -> str:
+  def level(m, open_, close):
+    return _block(open_, close, [
+        f'{k!r}: ' + (level(v, '{', '}') if isinstance(v, dict) else _value(v, short, ctx))
+        for k, v in m.items()])
+  return level(s, f'{type(s).__name__}({{', '})')
+
+
+def _pytree(obj: Pytree, ctx: _Context) -> str:
   name = type(obj).__name__
-  if id(obj) in seen:  # a Pytree met again (shared or a cycle): shown in full once
+  if id(obj) in ctx.shown:  # met again (shared or a cycle): shown in full once
     return f'{name}(...)'
-  if isinstance(obj, Variable):
-    size, nbytes = _size_and_bytes(obj._value)
-    header = f'{name}( # {size:,} ({_fmt_bytes(nbytes)})' if size else f'{name}('
-    entries = [f'value={_value_repr(obj._value, level + 1, full, seen)}']
-    entries += [f'{k}={_indent_rest(repr(v), level + 1)}' for k, v in obj._meta.items.items()
-                if k not in ('hijax', 'ref') or v]
-    return _block(header, ')', entries, level)
-  seen.add(id(obj))
-  if isinstance(obj, dict):  # State
-    entries = [f'{k!r}: {_value_repr(v, level + 1, full, seen)}' for k, v in obj.items()]
-    return _block(f'{name}({{', '})', entries, level)
+  ctx.shown.add(id(obj))
+  # As in NNX, nnx.List / nnx.Dict show their items' arrays in full; layers abbreviate them.
   if isinstance(obj, List):
-    return _block(f'{name}([', '])', [_value_repr(v, level + 1, full, seen) for v in obj], level)
+    return _block(f'{name}([', '])', [_value(v, False, ctx) for v in obj])
   if isinstance(obj, Dict):
-    entries = [f'{k!r}: {_value_repr(v, level + 1, full, seen)}' for k, v in obj.items()]
-    return _block(f'{name}({{', '})', entries, level)
-  entries = [f'{k}={_value_repr(v, level + 1, full, seen)}' for k, v, _ in attributes(obj)
-             if not (isinstance(k, str) and k.startswith('_'))]
-  return _block(f'{name}({_summary(obj)}', ')', entries, level)
+    return _block(f'{name}({{', '})', [f'{k!r}: {_value(v, False, ctx)}' for k, v in obj.items()])
+  header = f'{name}({_summary(_counts(obj, ctx))}'  # first: counts the whole subtree once
+  return _block(header, ')', [f'{k}={_value(v, True, ctx)}' for k, v in shown_attributes(obj)])
+
+
+def shown_attributes(obj: Pytree) -> list[tuple[tp.Any, tp.Any]]:
+  """``(name, value)`` of the attributes a repr shows: private names only when they are data."""
+  return [(k, v) for k, v, is_data in attributes(obj)
+          if is_data or not (isinstance(k, str) and k.startswith('_'))]
 
 
 def object_repr(obj) -> str:
-  """The repr of Variables, Pytrees and States.
+  """The repr of a Variable, Pytree or State, as NNX prints it.
 
   Arrays are shown in full at the top (a Variable or a State) and as shape and
-  dtype inside a Pytree, as NNX does.
+  dtype inside a layer; a layer's first line counts its Variables per kind.
   """
-  full = isinstance(obj, (dict, Variable))
-  return _object_repr(obj, 0, full, set())
+  return _value(obj, False, _Context())
 
 
-def _in_notebook() -> bool:
+# -- notebooks -------------------------------------------------------------------
+def in_notebook() -> bool:
+  """Whether this runs in a Jupyter kernel (where rich output and treescope render)."""
   ipython = sys.modules.get('IPython')
   if ipython is None:
     return False
@@ -181,7 +228,7 @@ def _in_notebook() -> bool:
 def display(*objs) -> None:
   """Show objects: an interactive treescope view in notebooks, the repr elsewhere."""
   for obj in objs:
-    if _in_notebook():
+    if in_notebook():
       import treescope
       treescope.display(obj)
     else:
@@ -189,34 +236,22 @@ def display(*objs) -> None:
 
 
 def treescope_repr(obj, path, subtree_renderer):
+  """The treescope rendering of a Variable, Pytree or State: a constructor-like view with the
+  fields the repr shows; each layer class gets a color of its own."""
+  import treescope.formatting_util as formatting_util
   import treescope.repr_lib as repr_lib
+  color = None
   if isinstance(obj, Variable):
-    fields = {'value': obj._value, **{k: v for k, v in obj._meta.items.items()
-                                       if k not in ('hijax', 'ref') or v}}
+    fields = {'value': obj._value, **dict(_shown_metadata(obj))}
   elif isinstance(obj, dict):
     fields = dict(obj)
   else:
-    fields = {str(k): v for k, v, _ in attributes(obj)}
+    fields = {str(k): v for k, v in shown_attributes(obj)}
+    if not isinstance(obj, (List, Dict)):
+      color = formatting_util.color_from_string(type(obj).__qualname__)
   return repr_lib.render_object_constructor(
       object_type=type(obj), attributes=fields, path=path,
-      subtree_renderer=subtree_renderer, roundtrippable=False)
+      subtree_renderer=subtree_renderer, roundtrippable=False, color=color)
 
 
-def tabulate(obj, *args, **kwargs) -> str:
-  """A rich table of the Variables of ``obj``: path, kind, shape, dtype, size."""
-  from rich.console import Console
-  from rich.table import Table
-  from arbax.api import variables
-  table = Table(title=type(obj).__name__)
-  for col in ('path', 'kind', 'shape', 'dtype', 'size'):
-    table.add_column(col)
-  for path, v in variables(obj).flat_state():
-    value = v.get_value()
-    size, nbytes = _size_and_bytes(value)
-    table.add_row(''.join(f'[{k}]' if isinstance(k, int) else f'.{k}' for k in path), kind_name(v),
-                  str(getattr(value, 'shape', '')), str(getattr(value, 'dtype', type(value).__name__)),
-                  f'{size} ({_fmt_bytes(nbytes)})')
-  console = Console(record=True, width=120)
-  with console.capture() as capture:
-    console.print(table)
-  return capture.get()
+reprhook.install(object_repr, treescope_repr)

@@ -18,6 +18,26 @@ class TraceContextError(ArbaxError):
   """
 
 
+class ImmutableVariableError(ArbaxError):
+  """A write to a Variable made immutable (``nnx.with_vars(model, mutable=False)``).
+
+  Immutable hijax Variables are plain values for JAX (``jax.grad`` can
+  differentiate them); write to the mutable original, or convert back with
+  ``nnx.with_vars(..., mutable=True)``.
+  """
+
+
+class AliasError(ValueError):
+  """Tree mode met the same Variable or object twice. A ValueError (as NNX raises) that also
+  carries where: ``path`` and ``first_path`` (path tuples), and the shared ``obj``."""
+
+  def __init__(self, message: str, *, obj=None, path=(), first_path=()):
+    super().__init__(message)
+    self.obj = obj
+    self.path = path
+    self.first_path = first_path
+
+
 def format_path(path) -> str:
   """Render a path tuple the way users write it: ``('layers', 2, 'kernel')`` -> ``.layers[2].kernel``."""
   out = []

@@ -19,8 +19,8 @@ pytree order (attributes sorted by name, like ``jax.tree.leaves``). Equal
 structures give equal GraphDefs, which hash once: they are static arguments
 of ``jax.jit``.
 
-Tree mode (the default) requires every Variable and Pytree to be reachable
-once; graph mode (``graph=True``) records later references as refs and
+Tree mode (``graph=False``) requires every Variable and Pytree to be reachable
+once; graph mode (the default, as in NNX) records later references as refs and
 rebuilds them shared. A reference cycle is a ref to an ancestor: graph mode
 rebuilds it, tree mode refuses it like any alias.
 
@@ -30,14 +30,17 @@ unchanged object (any structural change bumps ``_settings.EPOCH``).
 """
 from __future__ import annotations
 
+import sys
+import types
 import typing as tp
 import weakref
 
 import jax
 import numpy as np
 
-from arbax import _settings
-from arbax.errors import format_path
+from arbax import _settings, _structure
+from arbax.errors import AliasError, format_path
+from arbax.nodedefs import NodeDef, NodeRef, TreeNodeDef, VariableDef
 from arbax.pytree import Pytree, new_node, node_parts  # noqa: F401 (new_node re-exported)
 from arbax.state import State, compile_getter, skeleton
 from arbax.variables import Variable
@@ -86,35 +89,73 @@ class GraphDef:
   """The structure of an object without its state: ``nnx.split``'s first result.
 
   Hashable and equal for equal structures; ``leaf_paths`` lists where each
-  leaf of the matching State lives.
+  leaf of the matching State lives. ``graph`` records the mode it was made in
+  (tree-mode and graph-mode GraphDefs differ, as in NNX). ``nodes`` is NNX's
+  view of the structure (``NodeDef``, ``VariableDef``, ``NodeRef``,
+  ``TreeNodeDef``; see ``arbax.nodedefs``), computed on first access.
+
+  Two annotations serve the split/merge contexts (``nnx.split_context``):
+  ``base``, the index of its first object when it continues the index space
+  of earlier splits (the objects before it appear as refs), and ``outer``,
+  ``((index, outer_index), ...)`` for the objects that came from outside a
+  transform. Both are part of equality.
   """
 
-  __slots__ = ('root', 'leaf_paths', '_hash', '_builders', '_has_refs', '_skeleton', 'memo')
+  __slots__ = ('root', 'leaf_paths', 'graph', 'base', 'outer', '_hash', '_builders', '_has_refs',
+               '_skeleton', 'memo')
 
-  def __init__(self, root: tuple, leaf_paths: tuple):
+  def __init__(self, root: tuple, leaf_paths: tuple, graph: bool = True, *, base: int = 0,
+               outer: tuple | None = None):
     self.root = root
     self.leaf_paths = leaf_paths
+    self.graph = graph
+    self.base = base
+    self.outer = outer or None
     self._hash = hash(root)
     self._builders: dict = {}
     self._has_refs = None
     self._skeleton = None
     self.memo: dict = {}  # per-structure caches of the State API (filter partitions, path index)
 
+  __class_getitem__ = classmethod(types.GenericAlias)  # ``GraphDef[Model]`` in annotations
+
   def __hash__(self):
     return self._hash
 
   def __eq__(self, other):
     return self is other or (isinstance(other, GraphDef) and self._hash == other._hash
-                             and self.root == other.root)
+                             and self.graph == other.graph and self.base == other.base
+                             and self.outer == other.outer and self.root == other.root)
 
   def __repr__(self):
     return f'GraphDef({_describe(self.root)}, num_leaves={len(self.leaf_paths)})'
 
   def __getstate__(self):
-    return (self.root, self.leaf_paths)
+    return (self.root, self.leaf_paths, self.graph, self.base, self.outer)
 
   def __setstate__(self, state):
-    self.__init__(*state)
+    root, paths, *rest = state  # older pickles hold only (root, leaf_paths)
+    graph_, base, outer = (*rest, *(True, 0, None)[len(rest):])
+    self.__init__(root, paths, graph_, base=base, outer=outer)
+
+  @property
+  def num_leaves(self) -> int:
+    return len(self.leaf_paths)
+
+  @property
+  def nodes(self) -> list:
+    """NNX's flat list of node definitions (see ``arbax.nodedefs``); a view, built once."""
+    view = self.memo.get('nodes')
+    if view is None:
+      view = self.memo['nodes'] = tuple(node_view(self) if self.graph else tree_view(self))
+    return list(view)
+
+  def with_outer(self, outer: tuple | None, base: int | None = None) -> 'GraphDef':
+    """The same structure with other context annotations (``base`` / ``outer``)."""
+    if outer == self.outer and (base is None or base == self.base):
+      return self
+    return GraphDef(self.root, self.leaf_paths, self.graph,
+                    base=self.base if base is None else base, outer=outer)
 
   def build_from_state(self, state):
     """``merge(self, state)`` for one full State, reading it while building (the fast path).
@@ -150,15 +191,25 @@ class GraphDef:
       self._skeleton = False if any(not p for p in paths) else skeleton(paths)
     return self._skeleton or None
 
-  def build(self, leaves: tp.Iterable, *, copy_variables: bool = False, nodes: list | None = None):
-    """The object described by this GraphDef around ``leaves`` (see ``unflatten``)."""
+  def build(self, leaves: tp.Iterable, *, copy_variables: bool = False, nodes: list | None = None,
+            reuse: tp.Sequence | None = None):
+    """The object described by this GraphDef around ``leaves`` (see ``unflatten``).
+
+    ``reuse`` (one entry per Pytree / Variable of the GraphDef, in traversal
+    order) updates existing objects in place instead of making new ones where
+    its entry is not None: a Pytree gets the described attributes, a Variable
+    the leaf as its value and the described metadata.
+    """
     if self._has_refs is None:
       self._has_refs = any(d[0] == REF for _, d in iter_defs(self.root))
-    track = nodes is not None or self._has_refs
-    builder = self._builders.get((track, copy_variables))
+    reusing = reuse is not None
+    track = nodes is not None or self._has_refs or reusing
+    builder = self._builders.get((track, copy_variables, reusing))
     if builder is None:
-      builder = self._builders[(track, copy_variables)] = _compile(
-          self.root, _Options(track, copy_variables))
+      builder = self._builders[(track, copy_variables, reusing)] = _compile(
+          self.root, _Options(track, copy_variables, reusing))
+    if reusing:
+      nodes = _ReusingNodes(reuse)
     it = iter(leaves)
     try:
       out = builder(it, [] if nodes is None else nodes)
@@ -179,8 +230,106 @@ class GraphDef:
       return out, (fl.graphdef, _state_of(fl))
     return call
 
+  def build_into(self, leaves: tp.Sequence, nodes: list, reuse: tp.Mapping[int, tp.Any], *,
+                 copy_variables: bool = False, recreate_variables: bool = True):
+    """Like ``build``, but the objects whose index is in ``reuse`` are updated in place.
+
+    A reused Pytree keeps its identity and gets the attributes this GraphDef
+    describes (its old ones are dropped); a reused Variable takes the value
+    (and, from a Variable leaf, the metadata) of its leaf. ``nodes`` holds the
+    objects of the indices before ``self.base`` (refs may point at them) and
+    receives the objects built. With ``recreate_variables=False`` raw leaves stay raw.
+    The slow, general path of the update contexts (``nnx.merge_context``).
+    """
+    it = iter(leaves)
+    out = _Rebuild(it, nodes, reuse, copy_variables, recreate_variables).build(self.root)
+    if next(it, _END) is not _END:
+      raise ValueError(f'Incorrect number of leaves: the GraphDef needs {len(self.leaf_paths)}, '
+                       'got more.')
+    return out
+
 
 _END = object()
+
+
+class _Rebuild:
+  """The interpretive builder behind ``GraphDef.build_into`` (see there)."""
+
+  def __init__(self, leaves, nodes, reuse, copy_variables, recreate_variables):
+    self.leaves, self.nodes, self.reuse = leaves, nodes, reuse
+    self.copy, self.recreate = copy_variables, recreate_variables
+
+  def next_leaf(self):
+    try:
+      return next(self.leaves)
+    except StopIteration:
+      raise ValueError('Incorrect number of leaves: the GraphDef needs more than were given.'
+                       ) from None
+
+  def build(self, d):
+    tag = d[0]
+    if tag == VAR:
+      return self.variable(d)
+    if tag == NODE:
+      return self.node(d)
+    if tag == LEAF:
+      return self.next_leaf()
+    if tag == STATIC:
+      return d[1].value if isinstance(d[1], _Hashed) else d[1]
+    if tag == REF:
+      return self.nodes[d[1]]
+    if tag == SEQ:
+      return d[1]([self.build(c) for c in d[2]])
+    if tag == MAP:
+      out = d[1]()
+      for k, c in zip(d[2], d[3]):
+        dict.__setitem__(out, k, self.build(c))
+      return out
+    return d[1].unflatten([self.build(c) for c in d[3]])
+
+  def variable(self, d):
+    cls, meta = d[1], d[2]
+    leaf = self.next_leaf()
+    target = self.reuse.get(len(self.nodes))
+    if target is not None:
+      if not isinstance(target, Variable):
+        raise ValueError(f'Expected a Variable for index {len(self.nodes)}, but the outer object '
+                         f'there is a {type(target).__name__}.')
+      object.__setattr__(target, '_value', leaf._value if isinstance(leaf, Variable) else leaf)
+      if isinstance(leaf, Variable) and leaf._meta is not target._meta:
+        object.__setattr__(target, '_meta', leaf._meta)
+        _settings.bump_epoch()
+      out = target
+    elif isinstance(leaf, Variable):
+      out = leaf.copy() if self.copy else leaf
+      if type(out) is not cls:
+        out = cls._from_parts(out._value, out._meta)
+    else:
+      out = cls._from_parts(leaf, meta) if self.recreate else leaf
+    self.nodes.append(out)
+    return out
+
+  def node(self, d):
+    cls, aux, children = d[1], d[2], d[3]
+    index = len(self.nodes)
+    obj = self.reuse.get(index)
+    if obj is None:
+      obj = object.__new__(cls)
+    elif type(obj) is not cls:
+      raise ValueError(f'Expected a node of type {cls.__name__} for index {index}, but the outer '
+                       f'object there is a {type(obj).__name__}.')
+    else:
+      _settings.bump_epoch()  # its structure may change: transform caches must not trust it
+    self.nodes.append(obj)  # before the children: they may refer back to it (cycles)
+    kinds, template, hook = _node_template(cls, aux)
+    od = template.copy()
+    od['_arbax_kinds'] = kinds.copy()
+    for k, c in children:
+      od[k] = self.build(c)
+    object.__setattr__(obj, '__dict__', od)
+    if hook is not None:
+      hook(obj)
+    return obj
 
 
 # A GraphDef passes through jax.jit / jax.tree as a pytree with no leaves: it is all static.
@@ -202,6 +351,78 @@ def _describe(d) -> str:
   return f'{getattr(d[1], "__name__", "node")}[...]'
 
 
+# -- NNX's view of a GraphDef (GraphDef.nodes) ---------------------------------
+
+
+def node_view(graphdef: GraphDef) -> tp.Iterator:
+  """The graph-mode ``nodes`` list: one entry per object, container and ref, in traversal order.
+
+  Objects and Variables are numbered from ``graphdef.base`` in the order met,
+  the numbering refs use.
+  """
+  outer = dict(graphdef.outer or ())
+  index = graphdef.base
+  for _, d in iter_defs(graphdef.root):
+    tag = d[0]
+    if tag == NODE or tag == VAR:
+      if tag == NODE:
+        yield NodeDef(d[1], index, outer.get(index), len(d[3]), d[2])
+      else:
+        yield VariableDef(d[1], index, outer.get(index), dict(d[2].items))
+      index += 1
+    elif tag == REF:
+      yield NodeRef(d[1])
+    elif tag == SEQ:
+      yield NodeDef(d[1], None, None, len(d[2]))
+    elif tag == MAP:
+      yield NodeDef(d[1], None, None, len(d[2]))
+    elif tag == JAXNODE:
+      yield NodeDef(d[1].node_data()[0], None, None, len(d[3]), d[1])
+
+
+def path_order(paths: tp.Sequence[tuple]) -> list[int]:
+  """The positions of ``paths`` sorted by path (ints before strings at each level)."""
+  return sorted(range(len(paths)), key=lambda i: tuple(_sort_key(k) for k in paths[i]))
+
+
+def tree_view(graphdef: GraphDef) -> tp.Iterator:
+  """The tree-mode ``nodes`` list: a TreeNodeDef for the whole tree, then its Variables in
+  sorted-path order (``index`` is the position in that order)."""
+  root = graphdef.root
+  order = path_order(graphdef.leaf_paths)
+  yield TreeNodeDef(_root_type(root), _treedef_of(graphdef),
+                    tuple((graphdef.leaf_paths[i], i) for i in order))
+  var_defs = [d for _, d in iter_defs(root) if d[0] == VAR]
+  kinds = [d[0] for _, d in iter_defs(root) if d[0] in (VAR, LEAF)]
+  var_of_leaf = {}
+  it = iter(var_defs)
+  for i, kind in enumerate(kinds):
+    if kind == VAR:
+      var_of_leaf[i] = next(it)
+  for position, i in enumerate(order):
+    d = var_of_leaf.get(i)
+    if d is not None:
+      yield VariableDef(d[1], position, None, dict(d[2].items))
+
+
+def _root_type(d) -> type:
+  tag = d[0]
+  if tag in (NODE, VAR, SEQ, MAP):
+    return d[1]
+  if tag == JAXNODE:
+    return d[1].node_data()[0]
+  if tag == STATIC:
+    return type(d[1].value if isinstance(d[1], _Hashed) else d[1])
+  return jax.Array
+
+
+def _treedef_of(graphdef: GraphDef):
+  """The JAX treedef of the object, Variables as leaves (built around placeholder leaves)."""
+  placeholders = [object() for _ in graphdef.leaf_paths]
+  obj = graphdef.build(placeholders)
+  return jax.tree_util.tree_structure(obj, is_leaf=lambda x: isinstance(x, Variable))
+
+
 class Flattened(tp.NamedTuple):
   graphdef: GraphDef
   leaves: list          # Variables and raw arrays, in pytree order
@@ -209,23 +430,31 @@ class Flattened(tp.NamedTuple):
   nodes: list           # every Pytree and Variable seen, in order (index of REF defs)
 
 
-def alias_error(what: str, path, first_path, context: str = 'tree-mode') -> ValueError:
-  """The tree-mode sharing error, worded as the NNX guide shows it, plus the fix."""
+def alias_error(what: str, path, first_path, context: str = 'tree-mode',
+                type_name: str | None = None, obj=None) -> AliasError:
+  """The tree-mode sharing error: the NNX guide's sentence, NNX's "Duplicate ... found at paths"
+  listing, and the fix."""
   shared = 'shared Variable references' if what == 'Variable' else 'shared references (or cycles)'
-  return ValueError(
+  return AliasError(
       f'{what} at {format_path(path)} was already seen at {format_path(first_path)}. '
-      f'{context} does not support {shared}. Pass graph=True (or use '
-      'nnx.graphlib.set_graph_mode(True)) to allow sharing, or make the two references '
-      'separate objects.')
+      f'{context} does not support {shared}.\n'
+      f'Duplicate {type_name or what} found at paths:\n\n'
+      f'  - {format_path(first_path)}\n  - {format_path(path)}\n\n'
+      'Pass graph=True (or use nnx.set_graph_mode(True)) to allow sharing, or make the two '
+      'references separate objects (e.g. with nnx.clone).', obj=obj, path=path,
+      first_path=first_path)
 
 
 def flatten(obj, *, graph: bool | None = None, prefix: tuple = (),
             context: str = 'tree-mode split', mark_seen: bool = False,
-            known: tp.Sequence = ()) -> Flattened:
+            known: tp.Sequence = (), watch: list | None = None) -> Flattened:
   """Walk ``obj`` once: its GraphDef, its leaves with their paths, and the objects met.
 
   ``mark_seen`` flags the Pytrees met so later structural changes to them
-  invalidate transform caches (see ``_settings.EPOCH``). In graph mode, objects in
+  invalidate transform caches (see ``_structure``). ``watch``, if given, receives
+  the mutable containers met (Pytree ``__dict__``s, lists, dicts, States, static
+  lists with their snapshots, mutable pytree nodes): ``_structure.Watch(watch)``
+  then tells, per call, whether the result may still be reused. In graph mode, objects in
   ``known`` become refs to their index there: ``unflatten(..., nodes=<list of the
   same length>)`` then resolves them to that list's objects (a transform maps its
   outputs back to the caller's objects this way).
@@ -242,24 +471,33 @@ def flatten(obj, *, graph: bool | None = None, prefix: tuple = (),
       if key in seen:
         if graph:
           return (REF, seen[key][0])
-        raise alias_error('Variable', path, seen[key][1], context)
+        raise alias_error('Variable', path, seen[key][1], context, type(x).__name__, x)
       seen[key] = (len(nodes), path)
       nodes.append(x)
       leaves.append(x)
       paths.append(path)
       return (VAR, type(x), x._meta)
-    if isinstance(x, Pytree) and type(x)._arbax_pytree:
+    if isinstance(x, Pytree):  # pytree=False classes too: graph nodes, as in NNX
       key = id(x)
       if key in seen:
         if graph:
           return (REF, seen[key][0])
-        raise alias_error(type(x).__name__, path, seen[key][1], context)
+        raise alias_error(type(x).__name__, path, seen[key][1], context, obj=x)
+      if not graph and not type(x)._arbax_pytree:
+        raise ValueError(
+            f"Cannot use '{context}' with graph=False on a '{type(x).__name__}' instance that has "
+            f'pytree=False. Found at path: {format_path(path)}. Classes declared with pytree=False '
+            'are not JAX pytrees, so tree mode cannot look inside them: pass graph=True, or '
+            'declare the class without pytree=False.')
       seen[key] = (len(nodes), path)
       nodes.append(x)
       if mark_seen:
-        x.__dict__['_arbax_seen'] = True
+        _structure.mark_seen(x)
       keys, aux = node_parts(x)
       d = x.__dict__
+      if watch is not None:
+        watch.append(d)
+        watch.extend((d[k], snap) for k, snap in aux.mutable)
       return (NODE, type(x), aux, tuple((k, visit(d[k], path + (k,))) for k in keys))
     if isinstance(x, ARRAY_TYPES):
       leaves.append(x)
@@ -267,8 +505,12 @@ def flatten(obj, *, graph: bool | None = None, prefix: tuple = (),
       return LEAF_DEF
     t = type(x)
     if t is tuple or t is list:
+      if t is list and watch is not None:
+        watch.append(x)
       return (SEQ, t, tuple(visit(c, path + (i,)) for i, c in enumerate(x)))
     if t is dict or t is State:
+      if watch is not None:
+        watch.append(x)
       keys = tuple(sorted(x, key=_sort_key))
       return (MAP, t, keys, tuple(visit(x[k], path + (k,)) for k in keys))
     if x is None or isinstance(x, (int, float, complex, str, bool, type)) or callable(x):
@@ -277,12 +519,21 @@ def flatten(obj, *, graph: bool | None = None, prefix: tuple = (),
         x, is_leaf=lambda y: y is not x)
     if treedef.num_leaves == 1 and treedef.num_nodes == 1:
       return _static_def(x)  # an opaque leaf JAX does not know
+    if watch is not None and not isinstance(x, tuple):  # NamedTuples cannot change in place
+      watch.append(x)
     keys = tuple(_key_of(kp[0]) for kp, _ in children_with_keys)
     return (JAXNODE, treedef, keys,
             tuple(visit(c, path + (k,)) for k, (_, c) in zip(keys, children_with_keys)))
 
-  root = visit(obj, prefix)
-  return Flattened(GraphDef(root, tuple(paths)), leaves, paths, nodes[len(known):])
+  try:
+    root = visit(obj, prefix)
+  except RecursionError:
+    raise RecursionError(
+        f'{context}: the object is nested too deeply to flatten. Each level of nesting (a '
+        f"Module holding a Module ...) takes about two of Python's {sys.getrecursionlimit()} "
+        'allowed stack frames. Hold long chains of layers in an nnx.List instead of nesting '
+        'them, or raise the limit with sys.setrecursionlimit(...).') from None
+  return Flattened(GraphDef(root, tuple(paths), graph), leaves, paths, nodes[len(known):])
 
 
 def _sort_key(k):
@@ -320,6 +571,28 @@ def unflatten(graphdef: GraphDef | tuple, leaves: tp.Sequence, *, copy_variables
 class _Options(tp.NamedTuple):
   track: bool
   copy: bool
+  reuse: bool = False
+
+
+class _ReusingNodes(list):
+  """The ``nodes`` list of a reusing build: also knows which existing object each index reuses."""
+
+  def __init__(self, reuse: tp.Sequence):
+    super().__init__()
+    self.reuse = reuse
+
+
+def _adopt_dict(obj, cls, new_dict: dict) -> None:
+  """Give an existing Pytree the attributes ``new_dict`` describes, keeping its own bookkeeping
+  entries (``_arbax_*`` keys the template does not set) and the identity of its ``__dict__``."""
+  d = obj.__dict__
+  kept = {k: v for k, v in d.items() if isinstance(k, str) and k.startswith('_arbax_')
+          and k not in new_dict}
+  d.clear()
+  d.update(new_dict)
+  d.update(kept)
+  if type(obj) is not cls:
+    obj.__class__ = cls
 
 
 def _node_template(cls, aux: PytreeAux):
@@ -357,6 +630,22 @@ def _var_fixer(cls, meta, copy: bool):
 def _compile_var(d, opts):
   fix = _var_fixer(d[1], d[2], opts.copy)
   track = opts.track
+  if opts.reuse:
+    meta, set_attr = d[2], object.__setattr__
+
+    def reuse_var(it, nodes):
+      old = nodes.reuse[len(nodes)]
+      leaf = next(it)
+      if old is None:
+        var = fix(leaf)
+      else:
+        var = old
+        set_attr(var, '_value', leaf._value if isinstance(leaf, Variable) else leaf)
+        if var._meta is not meta:
+          set_attr(var, '_meta', meta)
+      nodes.append(var)
+      return var
+    return reuse_var
 
   def build_var(it, nodes):
     leaf = fix(next(it))
@@ -396,7 +685,23 @@ def _compile_node(d, opts):
     if hook is not None:
       hook(obj)
     return obj
-  return build_node
+
+  def reuse_node(it, nodes):
+    old = nodes.reuse[len(nodes)]
+    obj = new(cls) if old is None else old
+    nodes.append(obj)
+    od = template.copy()
+    od['_arbax_kinds'] = kinds.copy()
+    for k, _, b in specs:
+      od[k] = b(it, nodes)
+    if old is None:
+      set_dict(obj, '__dict__', od)
+    else:
+      _adopt_dict(obj, cls, od)
+    if hook is not None:
+      hook(obj)
+    return obj
+  return reuse_node if opts.reuse else build_node
 
 
 def _compile_leaf(d, opts):
@@ -590,23 +895,28 @@ def iter_defs(root):
 # -- the flatten cache --------------------------------------------------------
 # The State API flattens the same model again and again (a training loop calls
 # nnx.state / nnx.update every step). An unchanged object flattens to the same
-# result, and every structural change of a flattened (``mark_seen``) object
-# bumps _settings.EPOCH, so a result stays valid while the epoch is unchanged.
-# Only trees made of objects that report their changes qualify: Pytrees,
-# Variables, tuples and immutable JAX nodes; a plain list or dict may change
-# silently, so a tree holding one is flattened every time.
+# result. A result is reused while the epoch is unchanged (every structural
+# change made through the API bumps it) and its Watch finds every mutable
+# container it was made from unchanged (changes made behind the API's back);
+# see ``_structure``.
 
 
 class CachedFlat:
-  """A cache entry: the flattening and the objects (weakly) it was made from."""
+  """A cache entry: the flattening, the objects (weakly) it was made from, and its Watch."""
 
-  __slots__ = ('refs', 'epoch', 'fl', 'memo')
+  __slots__ = ('refs', 'epoch', 'fl', 'memo', 'watch')
 
-  def __init__(self, refs, epoch, fl):
+  def __init__(self, refs, epoch, fl, watch: _structure.Watch | None = None):
     self.refs = refs
     self.epoch = epoch
     self.fl = fl
     self.memo: dict = {}  # derived data valid as long as the entry (see api.update)
+    self.watch = _structure.Watch() if watch is None else watch
+
+  def valid_for(self, roots: tuple) -> bool:
+    """Whether this entry still describes ``roots`` (the per-call check)."""
+    return (self.epoch == _settings.EPOCH[0] and all(r() is o for r, o in zip(self.refs, roots))
+            and self.watch.unchanged())
 
 
 _CACHE: dict = {}
@@ -614,7 +924,7 @@ _CACHE_SIZE = 64
 
 
 def _roots(obj):
-  if isinstance(obj, Pytree) and type(obj)._arbax_pytree:
+  if isinstance(obj, Pytree):
     return (obj,)
   if type(obj) is tuple and obj and all(isinstance(x, (Pytree, Variable)) for x in obj):
     return obj
@@ -632,14 +942,21 @@ def flatten_cached(obj, *, graph: bool | None = None, context: str = 'tree-mode 
     return flatten(obj, graph=graph, context=context), None
   key = (tuple(map(id, roots)), graph)
   entry = _CACHE.get(key)
-  if entry is not None and entry.epoch == _settings.EPOCH[0] and all(
-      r() is o for r, o in zip(entry.refs, roots)):
+  if entry is not None and entry.valid_for(roots):
+    if _structure.checking():
+      fresh = flatten(obj, graph=graph, context=context)
+      _structure.verify(f'the cached flattening ({context})', entry.fl.graphdef, entry.fl.leaves,
+                        fresh.graphdef, fresh.leaves, fresh.paths)
     return entry.fl, entry
-  fl = flatten(obj, graph=graph, context=context, mark_seen=True)
+  containers: list = []
+  fl = flatten(obj, graph=graph, context=context, mark_seen=True, watch=containers)
   if not _cacheable(fl.graphdef.root):
     return fl, None
   # The entry must not keep the objects alive: it drops the nodes (which hold
   # them), refers to the roots weakly and leaves the cache when one dies.
+  watch = _structure.Watch(containers)
+  if watch.keeps_alive(roots):  # a cycle back to the roots: the entry would never be evicted
+    return fl, None
   kept = Flattened(fl.graphdef, fl.leaves, fl.paths, [])
   evict = _evicter(key)
   try:
@@ -648,7 +965,7 @@ def flatten_cached(obj, *, graph: bool | None = None, context: str = 'tree-mode 
     return fl, None
   if len(_CACHE) >= _CACHE_SIZE:
     _CACHE.pop(next(iter(_CACHE)))
-  entry = _CACHE[key] = CachedFlat(refs, _settings.EPOCH[0], kept)
+  entry = _CACHE[key] = CachedFlat(refs, _settings.EPOCH[0], kept, watch)
   return kept, entry
 
 
@@ -661,16 +978,10 @@ def _evicter(key):
 
 
 def _cacheable(root) -> bool:
-  # Plain lists and dicts can change without bumping the epoch. States are dicts too, but
-  # the ones held by objects (an Optimizer's moments) are made by arbax and never edited
-  # in place, so they may be cached like tuples.
-  for _, d in iter_defs(root):
-    tag = d[0]
-    if tag == SEQ and d[1] is not tuple or tag == MAP and d[1] is not State:
-      return False
-    if tag == JAXNODE and not issubclass(d[1].node_data()[0], tuple):
-      return False
-  return True
+  # Every container a flattening walks into is watched; an unhashable value held as a
+  # static leaf (compared by equality, kept by reference in the GraphDef) is not, so
+  # a tree holding one is flattened every time.
+  return not any(d[0] == STATIC and isinstance(d[1], _Hashed) for _, d in iter_defs(root))
 
 
 # -- used by GraphDef.apply (api.merge / api.state are the public versions) ---

@@ -11,7 +11,14 @@
 
 Attributes are classified when set: Variables, arrays and nested Pytrees (and
 lists, tuples and dicts that hold them) are *data*; everything else is
-*static*. ``nnx.data(...)`` / ``nnx.static(...)`` force the class.
+*static*. ``nnx.data(...)`` / ``nnx.static(...)`` force the class. A static
+container that holds data by the time the object is flattened (``self.layers
+= []`` followed by ``append``) is data from then on, and attributes written
+behind ``__setattr__``'s back (``object.__setattr__``, ``vars(m).update``) are
+classified the same way when the object is next flattened (see ``_structure``).
+
+A Pytree belongs to the JAX trace it was made in: assigning to it from inside
+another trace (a ``jax.jit`` function that captured it) raises TraceContextError.
 """
 from __future__ import annotations
 
@@ -23,8 +30,9 @@ import typing as tp
 import jax
 import numpy as np
 
-from arbax import _settings
-from arbax.variables import Variable, _hashable
+from arbax import _structure
+from arbax.errors import TraceContextError
+from arbax.variables import Variable, _hashable, current_trace
 
 __all__ = ['Pytree', 'List', 'Dict', 'data', 'static', 'dataclass', 'is_data', 'has_data',
            'register_data_type', 'check_pytree', 'Data', 'Static', 'Object', 'attributes']
@@ -125,8 +133,14 @@ def check_pytree(pytree, /) -> None:
           f'with `self.{name} = nnx.data(...)`, or use nnx.List / nnx.Dict for containers.')
 
 
+# Values that are never data, checked by type first: most attributes are one of these.
+_PLAIN_STATIC = frozenset({int, float, bool, complex, str, bytes, type(None)})
+
+
 def _holds_data(value) -> bool:
   """Whether a value is data (a leaf or holds leaves) when set without a marker."""
+  if type(value) in _PLAIN_STATIC:
+    return False
   if is_data(value):
     return True
   if isinstance(value, (list, tuple)):
@@ -204,10 +218,13 @@ class PytreeAux:
   """What a Pytree node contributes to a treedef: its data keys and static attributes.
 
   Equal structures compare equal (so ``jax.jit`` caches hit); the hash is
-  computed once.
+  computed once. Static values are kept as snapshots (``_structure.snapshot``:
+  lists and dicts copied), so a static list changed in place afterwards no
+  longer matches, and ``fits`` notices.
   """
 
-  __slots__ = ('data_keys', 'static', 'order', '_hash', 'children_of', '_template')
+  __slots__ = ('data_keys', 'static', 'order', '_hash', 'children_of', '_template', 'static_of',
+               'static_values', 'mutable')
 
   def __init__(self, data_keys: tuple, static: tuple, order: tuple):
     self.data_keys = data_keys
@@ -216,12 +233,20 @@ class PytreeAux:
     self._hash = None
     self._template = None
     # `__dict__ -> children` in C (itemgetter): flatten runs per node on every jit call.
-    if not data_keys:
-      self.children_of = _no_children
-    elif len(data_keys) == 1:
-      self.children_of = functools.partial(_one_child, data_keys[0])
-    else:
-      self.children_of = operator.itemgetter(*data_keys)
+    self.children_of = _getter(data_keys)
+    self.static_of = _getter(tuple(k for k, _ in static))
+    self.static_values = tuple(v for _, v in static)
+    # static attributes holding lists / dicts: watched by caches, copied for each rebuilt node
+    self.mutable = tuple((k, v) for k, v in static if _structure.is_mutable(v))
+
+  def fits(self, d: dict) -> bool:
+    """Whether the ``__dict__`` ``d`` still has this structure: no attribute added or removed
+    behind ``__setattr__``'s back (a Pytree's dict holds its attributes plus exactly two
+    ``_arbax_`` entries) and every static value equal to its snapshot."""
+    try:
+      return len(d) == len(d['_arbax_kinds']) + 2 and self.static_of(d) == self.static_values
+    except Exception:  # a static attribute deleted, or replaced by a value == cannot compare
+      return False
 
   def template(self) -> tuple[dict, dict]:
     """(``__dict__`` with static values in attribute order, kinds) for building nodes; made once."""
@@ -256,6 +281,15 @@ class PytreeAux:
     return f'PytreeAux(data={self.data_keys}, static={dict(self.static)})'
 
 
+def _getter(keys: tuple):
+  """``d -> tuple of d[k] for k in keys``, in C where it can be."""
+  if not keys:
+    return _no_children
+  if len(keys) == 1:
+    return functools.partial(_one_child, keys[0])
+  return operator.itemgetter(*keys)
+
+
 def _no_children(d):
   return ()
 
@@ -269,18 +303,53 @@ def _sort_key(k):
 
 
 def node_parts(obj: 'Pytree') -> tuple[tuple, PytreeAux]:
-  """(data keys in pytree order, aux) of a Pytree, computed once per structure change."""
+  """(data keys in pytree order, aux) of a Pytree: cached, recomputed when the structure changed
+  (through ``__setattr__`` or behind its back)."""
   d = obj.__dict__
   cached = d.get('_arbax_cache')
-  if cached is not None:
+  if cached is not None and cached[1].fits(d):
     return cached
+  return _compute_parts(obj, d)
+
+
+def _compute_parts(obj, d: dict) -> tuple[tuple, PytreeAux]:
   kinds = d['_arbax_kinds']
+  if len(d) != len(kinds) + 2:
+    _adopt_bypassed(d, kinds)
+  _promote_filled(obj, d, kinds)
   order = tuple(k for k in d if k in kinds)
   data_keys = tuple(sorted((k for k in order if kinds[k]), key=_sort_key))
-  static = tuple((k, d[k]) for k in order if not kinds[k])
+  static = tuple((k, _structure.snapshot(d[k])) for k in order if not kinds[k])
   cached = (data_keys, PytreeAux(data_keys, static, order))
   d['_arbax_cache'] = cached
   return cached
+
+
+def _is_internal(key) -> bool:
+  return type(key) is str and key.startswith('_arbax_')
+
+
+def _adopt_bypassed(d: dict, kinds: dict) -> None:
+  """Attributes written into ``__dict__`` directly (``m.__dict__['x'] = v``,
+  ``object.__setattr__``) are classified as ``setattr`` would (the value is kept as
+  it is); attributes deleted that way are forgotten."""
+  for k in [k for k in kinds if k not in d]:
+    del kinds[k]
+  for k, v in d.items():
+    if k not in kinds and not _is_internal(k):
+      kinds[k] = _holds_data(v)
+
+
+def _promote_filled(obj, d: dict, kinds: dict) -> None:
+  """A static attribute that holds data now (``self.layers = []`` then ``append``) is data:
+  classified by what it holds when it is flattened, so its Variables are in the state."""
+  declared = type(obj)._arbax_declared
+  for k, is_data_ in kinds.items():
+    if is_data_ or type(d[k]) in _PLAIN_STATIC or not _holds_data(d[k]):
+      continue
+    if declared.get(k) is False:
+      raise _static_holds_data(obj, k, d[k], _find_data(d[k]), declared=True)
+    kinds[k] = True
 
 
 def _key_entry(cls, k):
@@ -290,9 +359,18 @@ def _key_entry(cls, k):
 
 
 def _flatten(obj):
+  # JAX calls this for every node of every flatten (jax.jit arguments, jax.tree.map):
+  # node_parts inlined.
   d = obj.__dict__
   cached = d.get('_arbax_cache')
-  aux = (cached if cached is not None else node_parts(obj))[1]
+  if cached is not None:
+    aux = cached[1]
+    try:
+      if len(d) == len(d['_arbax_kinds']) + 2 and aux.static_of(d) == aux.static_values:
+        return aux.children_of(d), aux
+    except Exception:  # see PytreeAux.fits
+      pass
+  aux = _compute_parts(obj, d)[1]
   return aux.children_of(d), aux
 
 
@@ -305,18 +383,26 @@ def _make_flatten_with_keys(cls):
 
 
 def new_node(cls, aux: PytreeAux, children) -> 'Pytree':
-  """Build a Pytree of class ``cls`` from its aux and data children, without calling ``__init__``."""
-  obj = object.__new__(cls)
+  """Build a Pytree of class ``cls`` from its aux and data children, without calling ``__init__``.
+
+  The node belongs to the JAX trace running now (see ``Pytree.__setattr__``).
+  """
+  obj = _new(cls)
   values, kinds = aux.template()
   d = values.copy()  # keeps the attribute order; data slots are filled in place
   d['_arbax_kinds'] = kinds.copy()
   d.update(zip(aux.data_keys, children))
+  for k, v in aux.mutable:  # a static list of its own, not the aux's snapshot
+    d[k] = _structure.snapshot(v)
   _set_dict(obj, '__dict__', d)
+  _set_trace(obj, current_trace())
+  _set_seen(obj, False)
   if cls._arbax_after_unflatten is not Pytree._arbax_after_unflatten:
     obj._arbax_after_unflatten()
   return obj
 
 
+_new = object.__new__
 _set_dict = object.__setattr__
 
 
@@ -325,6 +411,7 @@ class Pytree:
 
   _arbax_declared: tp.ClassVar[dict] = {}
   _arbax_pytree: tp.ClassVar[bool] = True
+  _arbax_properties: tp.ClassVar[frozenset] = frozenset()  # assigned through their setter
 
   def __init_subclass__(cls, pytree: bool = True, **kwargs):
     super().__init_subclass__(**kwargs)
@@ -342,16 +429,24 @@ class Pytree:
         declared[name] = kind
     cls._arbax_declared = declared
     cls._arbax_pytree = pytree
+    cls._arbax_properties = frozenset(
+        k for c in cls.__mro__ for k, v in vars(c).items() if isinstance(v, property))
     if pytree:
       jax.tree_util.register_pytree_with_keys(
           cls, _make_flatten_with_keys(cls),
           lambda aux, children: new_node(cls, aux, children), _flatten)
+
+  # Outside __dict__, so a node's dict is its attributes plus exactly two `_arbax_` entries:
+  # the trace the object belongs to (unset: any), and whether a cache depends on it.
+  __slots__ = ('__dict__', '__weakref__', '_arbax_trace', '_arbax_seen')
 
   def __new__(cls, *args, **kwargs):
     obj = object.__new__(cls)
     d = obj.__dict__
     d['_arbax_kinds'] = {}
     d['_arbax_cache'] = None
+    _set_trace(obj, current_trace())
+    _set_seen(obj, False)
     return obj
 
   def _arbax_after_unflatten(self):
@@ -362,56 +457,68 @@ class Pytree:
     if name.startswith('_arbax_'):
       object.__setattr__(self, name, value)
       return
+    try:
+      owner = self._arbax_trace
+    except AttributeError:
+      owner = None
+    if owner is not None and owner is not current_trace():
+      check_trace(self, name)
+    if name == '__class__':  # a real class change (NNX allows it), part of the structure
+      object.__setattr__(self, name, value)
+      _structure.changed(self)
+      return
     d = self.__dict__
     kinds = d['_arbax_kinds']
-    explicit = None
+    explicit = marked = None
     if isinstance(value, _DataValue):
       value, explicit = value.value, True
     elif isinstance(value, _StaticValue):
-      value, explicit = value.value, False
+      value, explicit, marked = value.value, False, True
     elif name in type(self)._arbax_declared:
       explicit = type(self)._arbax_declared[name]
     if explicit is None:
       kind = _holds_data(value)
       if kind:
         value = _as_tracked_container(value)
-      else:
+      elif type(value) not in _PLAIN_STATIC:
         _check_no_hidden_state(self, name, value)
     elif explicit:
       kind = True
     else:
       found = _find_data(value)
       if found:
-        raise ValueError(
-            f'Found data ({found}) in the value assigned to static attribute {name!r} of '
-            f'{type(self).__name__}. Static attributes are part of the tree definition and '
-            f'would lose it. Assign it with `self.{name} = nnx.data(...)`, or drop the '
-            f'nnx.static marker / annotation.')
+        raise _static_holds_data(self, name, value, found, declared=not marked)
       kind = False
-    if isinstance(getattr(type(self), name, None), property):
+    if name in type(self)._arbax_properties:
       object.__setattr__(self, name, value)
       return
     d[name] = value
     if kinds.get(name) is not kind:
       kinds[name] = kind
-    d['_arbax_cache'] = None
-    if d.get('_arbax_seen'):
-      _settings.bump_epoch()
+    _structure.changed(self)
 
   def __delattr__(self, name: str):
+    if name.startswith('_arbax_'):
+      object.__delattr__(self, name)
+      return
+    check_trace(self, name)
     d = self.__dict__
     del d[name]
     d['_arbax_kinds'].pop(name, None)
-    d['_arbax_cache'] = None
-    if d.get('_arbax_seen'):
-      _settings.bump_epoch()
+    _structure.changed(self)
 
+  # copy.copy, copy.deepcopy and pickle go through these two.
   def __getstate__(self):
     return {k: v for k, v in self.__dict__.items() if k not in ('_arbax_cache', '_arbax_seen')}
 
   def __setstate__(self, state):
-    self.__dict__.update(state)
-    self.__dict__['_arbax_cache'] = None
+    d = self.__dict__
+    d.update(state)
+    d.pop('_arbax_seen', None)  # pickles made before it moved out of __dict__
+    # The copy gets its own bookkeeping: sharing the kinds dict with the original would let an
+    # attribute set on one change how the other flattens (copy.copy keeps the children shared).
+    d['_arbax_kinds'] = dict(d['_arbax_kinds'])
+    d['_arbax_cache'] = None
 
   def __repr__(self):
     from arbax.display import object_repr
@@ -430,6 +537,48 @@ class Object(Pytree, pytree=False):
 
   def __init_subclass__(cls, pytree: bool = False, **kwargs):
     super().__init_subclass__(pytree=pytree, **kwargs)
+
+
+_set_trace = Pytree._arbax_trace.__set__
+_set_seen = Pytree._arbax_seen.__set__
+
+
+def check_trace(obj: Pytree, name) -> None:
+  """Raise TraceContextError if ``obj`` belongs to a JAX trace other than the one running now.
+
+  A Pytree belongs to the trace it was created in (rebuilt copies made inside
+  NNX transforms belong to the transform's trace). Assigning to one from inside
+  another trace, e.g. a ``jax.jit`` function that captured it, would store a
+  tracer that outlives its trace.
+  """
+  try:
+    owner = obj._arbax_trace
+  except AttributeError:  # made by a builder that does not record it: belongs to any trace
+    return
+  now = current_trace()
+  if owner is not now and owner != now:
+    what = f'item [{name}]' if isinstance(name, int) else f'attribute {name!r}'
+    raise TraceContextError(
+        f"Cannot mutate '{type(obj).__name__}' from different trace level: {what} of a "
+        f'{type(obj).__name__} created outside the JAX transform running now (jax.jit, jax.grad, '
+        '...). The value would leak out of the trace. Pass the object through an NNX transform '
+        '(nnx.jit, nnx.grad, ...), which rebuilds it inside, or make the change outside.')
+
+
+def _static_holds_data(obj, name, value, found: str, *, declared: bool) -> ValueError:
+  """The error for data in an attribute that was made static on purpose (NNX's wording first)."""
+  why = ('Static attributes are part of the tree definition: JAX would not see the data, and '
+         'updates to it would be lost.')
+  if declared:
+    return ValueError(
+        f'Found unexpected data on value of type {type(value)} in static attribute {name!r} of '
+        f'Pytree type {type(obj)}: {found} is data, but the class declares the attribute static '
+        f'(an nnx.static() field or an nnx.Static[...] annotation). {why} Declare it data '
+        f'(`{name}: nnx.Data[...]` or `= nnx.data()`), or keep the data out of it.')
+  return ValueError(
+      f"Found data in value of type '{type(value)}' annotated with nnx.static(...) when setting "
+      f"attribute {name!r} of Pytree type '{type(obj)}': {found} is data. {why} Assign it with "
+      f'`self.{name} = nnx.data(...)`, or drop the nnx.static(...) marker.')
 
 
 def _check_no_hidden_state(obj, name, value):
@@ -477,17 +626,27 @@ class List(Pytree):
 
   Lists assigned to a Pytree attribute that hold data become ``nnx.List``
   automatically, so their mutations are seen by the transforms' caches.
+  Item ``i`` is the attribute ``i`` (an int key of ``__dict__``): length,
+  indexing, ``append`` and ``pop()`` are O(1); inserting or deleting before
+  the end renumbers the items after it, like a Python list.
   """
 
   def __init__(self, items: tp.Iterable = ()):
     for item in items:
-      self.append(item)
+      self._store(len(self), item)
+    _structure.changed(self)
 
   def __len__(self):
-    return sum(1 for k in self.__dict__['_arbax_kinds'] if isinstance(k, int))
+    kinds = self.__dict__['_arbax_kinds']
+    n = len(kinds)
+    # Items are keys 0..n-1; only a subclass's own (str) attributes break that, then count.
+    if n == 0 or (n - 1) in kinds:
+      return n
+    return sum(1 for k in kinds if type(k) is int)
 
   def _index(self, i: int) -> int:
     n = len(self)
+    i = operator.index(i)
     if i < 0:
       i += n
     if not 0 <= i < n:
@@ -496,7 +655,8 @@ class List(Pytree):
 
   def __getitem__(self, i):
     if isinstance(i, slice):
-      return [self.__dict__[j] for j in range(len(self))[i]]
+      d = self.__dict__
+      return [d[j] for j in range(len(self))[i]]
     return self.__dict__[self._index(i)]
 
   def __setitem__(self, i, value):
@@ -505,39 +665,54 @@ class List(Pytree):
       items[i] = value
       self._reset(items)
       return
-    self._set_item(self._index(i), value)
+    i = self._index(i)
+    check_trace(self, i)
+    self._store(i, value)
+    _structure.changed(self)
 
   def __delitem__(self, i):
+    if not isinstance(i, slice) and self._index(i) == len(self) - 1:
+      self.pop()
+      return
     items = list(self)
     del items[i]
     self._reset(items)
 
-  def _set_item(self, i: int, value):
+  def _store(self, i: int, value):
     d = self.__dict__
     kind = _holds_data(value)
     if kind:
       value = _as_tracked_container(value)
     d[i] = value
     d['_arbax_kinds'][i] = kind
-    d['_arbax_cache'] = None
-    if d.get('_arbax_seen'):
-      _settings.bump_epoch()
 
   def _reset(self, items):
+    """Replace every item (the general path of slices, inserts and deletes)."""
+    check_trace(self, 'items')
     d = self.__dict__
-    for k in [k for k in d if isinstance(k, int)]:
-      del d[k]
-      d['_arbax_kinds'].pop(k, None)
+    kinds = d['_arbax_kinds']
+    for k in [k for k in kinds if type(k) is int]:
+      d.pop(k, None)
+      del kinds[k]
     for i, item in enumerate(items):
-      self._set_item(i, item)
-    d['_arbax_cache'] = None
+      self._store(i, item)
+    _structure.changed(self)
 
   def append(self, value):
-    self._set_item(len(self), value)
+    check_trace(self, len(self))
+    self._store(len(self), value)
+    _structure.changed(self)
 
   def extend(self, values):
+    values = list(values)  # `l.extend(l)` reads all before writing
+    check_trace(self, len(self))
     for v in values:
-      self.append(v)
+      self._store(len(self), v)
+    _structure.changed(self)
+
+  def __iadd__(self, values):
+    self.extend(values)
+    return self
 
   def insert(self, i, value):
     items = list(self)
@@ -545,23 +720,48 @@ class List(Pytree):
     self._reset(items)
 
   def pop(self, i=-1):
-    items = list(self)
-    value = items.pop(i)
-    self._reset(items)
+    last = len(self) - 1
+    if last < 0:
+      raise IndexError('pop from empty nnx.List')
+    i = self._index(i)
+    if i != last:
+      items = list(self)
+      value = items.pop(i)
+      self._reset(items)
+      return value
+    check_trace(self, i)
+    d = self.__dict__
+    value = d.pop(i)
+    del d['_arbax_kinds'][i]
+    _structure.changed(self)
     return value
 
+  def remove(self, value):
+    del self[self.index(value)]
+
+  def clear(self):
+    self._reset([])
+
+  def reverse(self):
+    self._reset(list(self)[::-1])
+
   def __iter__(self):
-    d = self.__dict__
-    return (d[i] for i in range(len(self)))
+    return map(self.__dict__.__getitem__, range(len(self)))
 
   def __reversed__(self):
-    return reversed(list(self))
+    return map(self.__dict__.__getitem__, reversed(range(len(self))))
 
   def __contains__(self, value):
     return any(v is value or v == value for v in self)
 
   def index(self, value):
-    return list(self).index(value)
+    for i, v in enumerate(self):
+      if v is value or v == value:
+        return i
+    raise ValueError(f'{value!r} is not in nnx.List')
+
+  def count(self, value):
+    return sum(1 for v in self if v is value or v == value)
 
   def __eq__(self, other):
     if isinstance(other, (List, list)):
@@ -576,7 +776,6 @@ class List(Pytree):
 
 class Dict(Pytree):
   """A dict that is a Pytree: keys appear as attributes (``.key``) in paths, and read as attributes."""
-
 
   def __init__(self, *args, **kwargs):
     for k, v in dict(*args, **kwargs).items():
@@ -634,6 +833,15 @@ class Dict(Pytree):
   def update(self, *args, **kwargs):
     for k, v in dict(*args, **kwargs).items():
       self[k] = v
+
+  def setdefault(self, key, default=None):
+    if key not in self:
+      self[key] = default
+    return self[key]
+
+  def clear(self):
+    for k in list(self):
+      del self[k]
 
   def __eq__(self, other):
     if isinstance(other, (Dict, dict)):

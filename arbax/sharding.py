@@ -28,49 +28,30 @@ import threading
 import typing as tp
 
 import jax
+from jax.experimental.layout import Format
 from jax.sharding import NamedSharding, PartitionSpec
 
-from arbax import api, filters as filterlib
+from arbax import filters as filterlib
 from arbax.errors import format_path
-from arbax.variables import Variable
+from arbax.state import State, create_path_filters
+from arbax.variables import Variable, use_eager_sharding, using_eager_sharding  # noqa: F401
 
 __all__ = ['PARTITION_NAME', 'with_partitioning', 'with_metadata', 'get_partition_spec',
-           'get_named_sharding', 'get_abstract_model', 'as_abstract', 'abstract_with_sharding',
-           'use_eager_sharding', 'using_eager_sharding', 'logical_axis_rules', 'StateSharding']
+           'get_named_sharding', 'use_eager_sharding', 'using_eager_sharding',
+           'logical_axis_rules', 'StateSharding']
 
 # The key of ``transform_metadata`` that names the axis vmap/scan add (kept for NNX code).
 PARTITION_NAME = 'partition_name'
 
 
 # -- settings: eager sharding and logical axis rules (per thread) ------------
+# (use_eager_sharding lives with the Variables, which record it as metadata.)
 class _Local(threading.local):
   def __init__(self):
-    self.eager = True
     self.rules: tuple = ()
 
 
 _LOCAL = _Local()
-
-
-class use_eager_sharding(contextlib.AbstractContextManager):
-  """Whether new Variables with ``out_sharding`` are placed on the mesh when created.
-
-  ``nnx.use_eager_sharding(False)`` changes the default for the program;
-  ``with nnx.use_eager_sharding(False): ...`` for a block only.
-  """
-
-  def __init__(self, value: bool, /):
-    self._previous = _LOCAL.eager
-    _LOCAL.eager = bool(value)
-
-  def __exit__(self, *exc):
-    _LOCAL.eager = self._previous
-    return False
-
-
-def using_eager_sharding() -> bool:
-  """The current default of ``use_eager_sharding``."""
-  return _LOCAL.eager
 
 
 @contextlib.contextmanager
@@ -116,7 +97,9 @@ def _map_axis(entry, table: dict):
 
 
 def to_partition_spec(names, local_rules=()) -> PartitionSpec:
-  """``out_sharding`` metadata (names per axis, a PartitionSpec or NamedSharding) as a PartitionSpec."""
+  """``out_sharding`` metadata (names per axis, a PartitionSpec, NamedSharding or Format) as a PartitionSpec."""
+  if isinstance(names, Format):
+    names = names.sharding
   if isinstance(names, NamedSharding):
     names = names.spec
   table = _rule_table(local_rules) if (_LOCAL.rules or local_rules) else {}
@@ -128,7 +111,7 @@ def shard_new_value(value, metadata: dict):
   """The Variable-creation hook (``out_sharding`` in the metadata): place ``value`` if eager."""
   names = metadata.get('out_sharding')
   eager = metadata.get('eager_sharding')
-  if not names or not (_LOCAL.eager if eager is None else eager) or not hasattr(value, 'shape'):
+  if not names or not (using_eager_sharding() if eager is None else eager) or not hasattr(value, 'shape'):
     return value
   sharding = _sharding_in_context(names, metadata.get('sharding_rules'), metadata.get('mesh'))
   if sharding is None:
@@ -136,11 +119,27 @@ def shard_new_value(value, metadata: dict):
         f'A Variable with out_sharding={names!r} needs a mesh to be placed on: create it under '
         '`with jax.set_mesh(mesh):`, pass mesh= to nnx.with_partitioning, or turn eager sharding '
         'off with nnx.use_eager_sharding(False) to only record the annotation.')
+  _check_axis_types(sharding)
   return constrain(value, sharding)
 
 
+def _check_axis_types(sharding) -> None:
+  """A new Variable is placed with ``reshard`` (Explicit axes) or a constraint (Auto): not both."""
+  if isinstance(sharding, Format):
+    sharding = sharding.sharding
+  mesh = sharding.mesh if isinstance(sharding, NamedSharding) else jax.sharding.get_abstract_mesh()
+  if not isinstance(mesh, (jax.sharding.Mesh, jax.sharding.AbstractMesh)) or mesh.empty:
+    return
+  types = set(mesh.axis_types)
+  if jax.sharding.AxisType.Auto in types and jax.sharding.AxisType.Explicit in types:
+    raise ValueError(f'Cannot place a new Variable on a mesh whose axes mix types '
+                     f'{dict(zip(mesh.axis_names, mesh.axis_types))}: eager sharding needs all '
+                     'axes Explicit or all Auto. Make the mesh uniform, or create the Variable '
+                     'under nnx.use_eager_sharding(False) and place it yourself.')
+
+
 def _sharding_in_context(names, local_rules, mesh):
-  if isinstance(names, NamedSharding):
+  if isinstance(names, (NamedSharding, Format)):
     return names
   spec = to_partition_spec(names, local_rules)
   if mesh is not None:
@@ -156,6 +155,8 @@ def constrain(value, sharding):
   """
   if not isinstance(value, jax.core.Tracer):
     return jax.device_put(value, sharding)   # eager: a transfer, no program to compile
+  if isinstance(sharding, Format):
+    return jax.lax.with_sharding_constraint(value, sharding)
   mesh = sharding.mesh if isinstance(sharding, NamedSharding) else jax.sharding.get_abstract_mesh()
   if not mesh.empty and mesh.are_all_axes_explicit:
     return jax.sharding.reshard(value, sharding)
@@ -170,6 +171,11 @@ class _MetadataVariable(Variable):
   """
 
 
+# Carriers are copies of this one: ``replace`` neither places the value on a mesh
+# nor turns it into a hijax Variable (the Variable that adopts it does both).
+_CARRIER = _MetadataVariable(None, hijax=False, ref=False)
+
+
 def with_metadata(initializer: tp.Callable, **metadata) -> tp.Callable:
   """``initializer`` whose Variables get ``metadata``: ``nnx.with_metadata(init, out_sharding=...)``."""
   if not callable(initializer):
@@ -179,12 +185,8 @@ def with_metadata(initializer: tp.Callable, **metadata) -> tp.Callable:
   def init(*args, **kwargs):
     value = initializer(*args, **kwargs)
     if isinstance(value, Variable):  # nested wrappers: the outer metadata is added on top
-      metadata_all = {**value._meta.items, **metadata}
-      value = value._value
-    else:
-      metadata_all = dict(metadata)
-    from arbax.variables import _make_meta
-    return _MetadataVariable._from_parts(value, _make_meta(metadata_all))
+      return _CARRIER.replace(value.get_value(), **{**value.get_metadata(), **metadata})
+    return _CARRIER.replace(value, **metadata)
 
   return init
 
@@ -195,6 +197,90 @@ def with_partitioning(initializer: tp.Callable, sharding, mesh=None, **metadata)
   ``nnx.Linear(2, 8, kernel_init=nnx.with_partitioning(init, (None, 'model')), ...)``
   """
   return with_metadata(initializer, out_sharding=sharding, mesh=mesh, **metadata)
+
+
+# -- a mapped axis appears or disappears (vmap, scan, transform_metadata) ------
+def _axis_change(transform_metadata: tp.Mapping) -> tuple[tp.Any, dict]:
+  """``(axis name, other per-axis metadata)`` of a ``transform_metadata`` mapping."""
+  if PARTITION_NAME not in transform_metadata:
+    raise ValueError(f'transform_metadata needs the {PARTITION_NAME!r} key (nnx.PARTITION_NAME) '
+                     f'naming the mapped axis; got {dict(transform_metadata)!r}.')
+  others = {k: v for k, v in transform_metadata.items() if k != PARTITION_NAME}
+  return transform_metadata[PARTITION_NAME], others
+
+
+def _inserted(names: tuple, index: int, name) -> tuple:
+  names = list(names)
+  names.extend([None] * (index - len(names)))  # a short annotation: unnamed axes before it
+  names.insert(index, name)
+  return tuple(names)
+
+
+def _removed(names: tuple, index: int, name, key: str) -> tuple:
+  names = tuple(names)
+  if index >= len(names) or names[index] != name:
+    found = names[index] if index < len(names) else '<no axis>'
+    raise ValueError(f'Cannot remove the mapped axis {name!r} at index {index} of the {key} '
+                     f'metadata {names!r}: found {found!r} there. The transform\'s partition '
+                     'name must match the name the Variable\'s annotation gives that axis.')
+  return names[:index] + names[index + 1:]
+
+
+def _variables_in(tree) -> list:
+  """The Variables of a pytree, each once (a shared Variable gains or loses its axis once)."""
+  unique = {id(x): x for x in jax.tree.leaves(tree, is_leaf=_is_variable) if isinstance(x, Variable)}
+  return list(unique.values())
+
+
+def add_axis(tree, index: int, transform_metadata: tp.Mapping):
+  """Record that the Variables of ``tree`` gained a mapped axis at ``index`` (vmap/scan outputs).
+
+  In each Variable's ``out_sharding`` the axis name
+  (``transform_metadata[PARTITION_NAME]``) is inserted, and so are the values
+  of the other keys of ``transform_metadata`` into the tuple metadata of the
+  same name; then the Variable's ``add_axis`` hook runs. Returns ``tree``,
+  changed in place.
+
+      >>> import jax.numpy as jnp, arbax as nnx
+      >>> v = nnx.Param(jnp.ones((3, 4)), out_sharding=('din', 'dout'), eager_sharding=False)
+      >>> nnx.spmd.add_axis(v, 0, {nnx.PARTITION_NAME: 'layers'}).out_sharding
+      ('layers', 'din', 'dout')
+  """
+  name, others = _axis_change(transform_metadata)
+  for variable in _variables_in(tree):
+    updates = {}
+    if variable.get_metadata('out_sharding', None):
+      updates['out_sharding'] = _inserted(variable.get_metadata('out_sharding'), index, name)
+    for key, value in others.items():
+      names = variable.get_metadata(key, None)
+      if names and isinstance(names, tuple):
+        updates[key] = _inserted(names, index, value)
+    if updates:
+      variable.set_metadata(**updates)
+    variable.add_axis(index, name)
+  return tree
+
+
+def remove_axis(tree, index: int, transform_metadata: tp.Mapping):
+  """Undo ``add_axis``: the Variables of ``tree`` are mapped over axis ``index`` (inside vmap/scan).
+
+  The name removed must be the partition name (or the given value for the
+  other keys); a ValueError says which name was there. Returns ``tree``.
+  """
+  name, others = _axis_change(transform_metadata)
+  for variable in _variables_in(tree):
+    updates = {}
+    if variable.get_metadata('out_sharding', None):
+      updates['out_sharding'] = _removed(variable.get_metadata('out_sharding'), index, name,
+                                         'out_sharding')
+    for key, value in others.items():
+      names = variable.get_metadata(key, None)
+      if names and isinstance(names, tuple):
+        updates[key] = _removed(names, index, value, key)
+    if updates:
+      variable.set_metadata(**updates)
+    variable.remove_axis(index, name)
+  return tree
 
 
 # -- reading the annotations --------------------------------------------------
@@ -231,48 +317,6 @@ def get_named_sharding(tree, mesh: jax.sharding.Mesh):
                       is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
-def get_abstract_model(init_fn: tp.Callable, mesh: jax.sharding.Mesh, *, graph: bool | None = None):
-  """``(graphdef, abstract_state)`` of ``init_fn()``: ShapeDtypeStructs carrying their NamedSharding.
-
-  Nothing is computed; restore a checkpoint into it or pass
-  ``nnx.get_named_sharding`` to ``nnx.jit(out_shardings=...)``.
-  """
-  from arbax.transforms.control import eval_shape
-  with jax.set_mesh(mesh):
-    abstract = eval_shape(init_fn, graph=graph)
-    graphdef, state = api.split(abstract, graph=graph)
-    shardings = get_named_sharding(state, mesh)
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                         state, shardings)
-  return graphdef, state
-
-
-def as_abstract(tree, graph: bool | None = None):
-  """Attach to each abstract Variable with ``out_sharding`` the NamedSharding it asks for.
-
-  The mesh is the Variable's ``mesh`` metadata or the one of ``jax.set_mesh``;
-  a Variable whose ShapeDtypeStruct already has a sharding is left alone.
-  """
-  def attach(path, x):
-    if not isinstance(x, Variable):
-      return x
-    value = x._value
-    meta = x._meta.items
-    if (not isinstance(value, jax.ShapeDtypeStruct) or getattr(value, 'sharding', None) is not None
-        or not meta.get('out_sharding')):
-      return x
-    mesh = meta.get('mesh') or jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-      raise ValueError(f'as_abstract: the Variable at {format_path(path)} has out_sharding='
-                       f'{meta["out_sharding"]!r} but no mesh: call it under jax.set_mesh(mesh).')
-    sharding = NamedSharding(mesh, variable_spec(x))
-    return x.replace(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding))
-  return api.recursive_map(attach, tree, graph=graph)
-
-
-abstract_with_sharding = as_abstract
-
-
 # -- shardings per filter, and their resolution onto flattened leaves -------
 class StateSharding:
   """A sharding per filter for a Module's state: ``nnx.StateSharding({nnx.Param: s, ...: P()})``.
@@ -282,6 +326,8 @@ class StateSharding:
   """
 
   def __init__(self, filter_sharding, /):
+    if isinstance(filter_sharding, State):  # per-leaf shardings by path
+      filter_sharding = create_path_filters(filter_sharding)
     items = filter_sharding.items() if isinstance(filter_sharding, tp.Mapping) else filter_sharding
     self.filters = []
     self.shardings = []

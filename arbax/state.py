@@ -23,6 +23,7 @@ import typing as tp
 import jax
 
 from arbax import filters as filterlib
+from arbax import reprhook
 from arbax.errors import format_path
 from arbax.variables import Variable
 
@@ -38,7 +39,26 @@ def _path_sort_key(item):
 
 
 class State(dict):
-  """A nested mapping of Variables; see the module docstring."""
+  """A nested mapping of Variables, keyed by attribute name or index: what ``nnx.state`` returns.
+
+  Entries read as items or attributes (``state['linear']['kernel']`` or
+  ``state.linear.kernel``). The leaves are the object's own Variables (or raw
+  arrays), so writing into a leaf writes into the object. A State is a JAX
+  pytree with sorted keys, so it passes through ``jax.jit``, ``jax.grad`` and
+  ``jax.tree.map``.
+
+      >>> import arbax as nnx
+      >>> state = nnx.state(nnx.Linear(2, 3, rngs=nnx.Rngs(0)))
+      >>> list(state), state.kernel.shape
+      (['bias', 'kernel'], (2, 3))
+      >>> params, rest = state.split(nnx.Param, ...)   # split / filter by kind, tag, path...
+      >>> sorted(params.to_pure_dict())                # ...and plain dicts for checkpoints
+      ['bias', 'kernel']
+
+  Args:
+    mapping: the entries (a dict or pairs), as for ``dict``; nested dicts stay
+      as they are given.
+  """
 
   def __getattr__(self, name):
     if name.startswith('__'):
@@ -58,41 +78,147 @@ class State(dict):
       raise AttributeError(f'No attribute {name!r} in State') from None
 
   def __repr__(self):
-    from arbax.display import object_repr
-    return object_repr(self)
+    return reprhook.render(self)
 
   def __treescope_repr__(self, path, subtree_renderer):
-    from arbax.display import treescope_repr
-    return treescope_repr(self, path, subtree_renderer)
+    return reprhook.render_treescope(self, path, subtree_renderer)
 
   @property
   def raw_mapping(self) -> dict:
+    """The State itself, as a plain mapping (NNX's accessor; arbax's State is already a dict)."""
     return self
 
   # -- flat views --
   def flat_state(self) -> 'FlatState':
+    """The ``(path, leaf)`` pairs of this State, sorted by path, as a FlatState.
+
+        >>> import arbax as nnx
+        >>> nnx.State({'b': nnx.Param(1), 'a': nnx.Param(2)}).flat_state().paths
+        (('a',), ('b',))
+
+    Returns:
+      A FlatState.
+    """
     return to_flat_state(self)
 
   @classmethod
   def from_flat_path(cls, flat) -> 'State':
+    """Nest ``[(path, leaf)]`` pairs (a FlatState, a list, or a ``{path: leaf}`` dict) into a State.
+
+        >>> import arbax as nnx
+        >>> state = nnx.State.from_flat_path([(('a', 'w'), 1), (('n',), 2)])
+        >>> type(state['a']).__name__, state.to_pure_dict()
+        ('State', {'a': {'w': 1}, 'n': 2})
+
+    Args:
+      flat: the pairs.
+
+    Returns:
+      A State of this class (nested levels too).
+    """
     return from_flat_state(flat, cls=cls)
 
   def to_pure_dict(self) -> dict:
+    """Plain nested dicts of raw values (Variables unwrapped): what checkpoints store.
+
+        >>> import arbax as nnx
+        >>> nnx.State({'w': nnx.Param(1.0), 'n': 2}).to_pure_dict()
+        {'w': 1.0, 'n': 2}
+
+    Returns:
+      A new nested dict; the State is unchanged.
+    """
     return to_pure_dict(self)
 
   def replace_by_pure_dict(self, pure_dict, replace_fn=None) -> None:
+    """Put the raw values of ``pure_dict`` into this State, in place (``nnx.replace_by_pure_dict``).
+
+    Each Variable entry is replaced by a new Variable of the same kind and
+    metadata; the Variables it held (and the model they belong to) are not
+    touched, so follow with ``nnx.update(model, state)`` to load a checkpoint.
+
+        >>> import arbax as nnx
+        >>> state = nnx.State({'w': nnx.Param(1.0)})
+        >>> state.replace_by_pure_dict({'w': 5.0})
+        >>> state['w'][...], type(state['w']).__name__
+        (5.0, 'Param')
+
+    Args:
+      pure_dict: nested dicts of raw values, a subset of this State's paths.
+      replace_fn: ``replace_fn(old_leaf, value) -> new_leaf``; by default a copy of
+        the Variable holding ``value``.
+    """
     replace_by_pure_dict(self, pure_dict, replace_fn)
 
   def filter(self, first, /, *filters):
+    """The parts of this State the filters select: one State per filter (the first match wins).
+
+    Leaves no filter matches are left out. See ``nnx.filter_state``.
+
+        >>> import arbax as nnx
+        >>> state = nnx.State({'w': nnx.Param(1.0), 'n': nnx.BatchStat(0)})
+        >>> list(state.filter(nnx.Param))
+        ['w']
+
+    Args:
+      first: a filter.
+      *filters: more filters.
+
+    Returns:
+      A State for one filter, else a tuple of States.
+    """
     return filter_state(self, first, *filters)
 
   def split(self, first, /, *filters):
+    """Partition this State by filters: each leaf goes to the first filter that matches it.
+
+    Every leaf must match one filter (end with ``...`` for the rest), else a
+    ValueError names its path. See ``nnx.split_state``.
+
+        >>> import arbax as nnx
+        >>> state = nnx.State({'w': nnx.Param(1.0), 'n': nnx.BatchStat(0)})
+        >>> params, rest = state.split(nnx.Param, ...)
+        >>> list(params), list(rest)
+        (['w'], ['n'])
+
+    Args:
+      first: a filter.
+      *filters: more filters.
+
+    Returns:
+      A State for one filter, else a tuple of States.
+    """
     return split_state(self, first, *filters)
 
   def merge(self, *states):
+    """One State with the leaves of this one and of ``states``; later states win on equal paths.
+
+        >>> import arbax as nnx
+        >>> a, b = nnx.State({'w': 1}), nnx.State({'n': 2, 'w': 3})
+        >>> a.merge(b).to_pure_dict()
+        {'w': 3, 'n': 2}
+
+    Args:
+      *states: States (or nested dicts) to merge in.
+
+    Returns:
+      A new State; the inputs are unchanged. ``a | b`` is ``a.merge(b)``.
+    """
     return merge_state(self, *states)
 
   def map(self, f):
+    """A State with ``f(path, leaf)`` at every path (see ``nnx.map_state``).
+
+        >>> import arbax as nnx
+        >>> nnx.State({'a': 1, 'b': 2}).map(lambda path, x: 10 * x).to_pure_dict()
+        {'a': 10, 'b': 20}
+
+    Args:
+      f: ``f(path, leaf) -> new leaf``.
+
+    Returns:
+      A new State of the same paths.
+    """
     return map_state(f, self)
 
   def __or__(self, other):
@@ -139,10 +265,126 @@ jax.tree_util.register_pytree_with_keys(State, _state_flatten_with_keys, _state_
                                         _state_flatten)
 
 
-class FlatState(tp.Sequence):
-  """A sequence of ``(path, leaf)`` pairs (sorted by path unless ``sort=False``).
+class GraphState(tp.MutableMapping):
+  """A State bundled with the GraphDef of its object: what ``nnx.unpack`` returns.
 
-  ``.paths`` and ``.leaves`` are tuples; ``to_nested_state()`` nests it back.
+  Reads and writes (``gs['kernel']``, ``gs.linear.kernel = ...``) go to the
+  State; as a pytree its leaves are the State's and the GraphDef is static, so
+  ``jax.tree.map`` and ``nnx.grad`` return GraphStates again. ``nnx.merge``
+  takes GraphStates without a separate GraphDef.
+
+      >>> import jax, arbax as nnx
+      >>> model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+      >>> params = nnx.unpack(model, nnx.Param)
+      >>> halved = jax.tree.map(lambda x: x / 2, params)
+      >>> type(halved).__name__, list(halved)
+      ('GraphState', ['bias', 'kernel'])
+      >>> nnx.merge(halved).kernel.shape
+      (2, 3)
+
+  Args:
+    graphdef: the GraphDef of the object the State came from.
+    state: the State.
+  """
+
+  __slots__ = ('_graphdef', '_state')
+
+  def __init__(self, graphdef, state):
+    if not isinstance(state, State):
+      raise ValueError(f'GraphState expects a State, got a {type(state).__name__}.')
+    object.__setattr__(self, '_graphdef', graphdef)
+    object.__setattr__(self, '_state', state)
+
+  def __getattr__(self, name):
+    if name.startswith('__') or name in GraphState.__slots__:  # not set yet (e.g. unpickling)
+      raise AttributeError(name)
+    return getattr(self._state, name)
+
+  def __setattr__(self, name, value):
+    if name in GraphState.__slots__:
+      object.__setattr__(self, name, value)
+    else:
+      setattr(self._state, name, value)
+
+  def __getitem__(self, key):
+    return self._state[key]
+
+  def __setitem__(self, key, value):
+    self._state[key] = value
+
+  def __delitem__(self, key):
+    del self._state[key]
+
+  def __iter__(self):
+    return iter(self._state)
+
+  def __len__(self):
+    return len(self._state)
+
+  def __contains__(self, key):
+    return key in self._state
+
+  def __repr__(self):
+    return f'GraphState({self._graphdef!r}, {self._state!r})'
+
+
+def graph_state_parts(gs: GraphState) -> tuple:
+  """``(graphdef, state)`` of a GraphState.
+
+  Attribute access on a GraphState reads its State, so this is the way to get
+  the two parts back.
+
+      >>> import arbax as nnx
+      >>> gs = nnx.unpack(nnx.Linear(2, 3, rngs=nnx.Rngs(0)))
+      >>> graphdef, state = nnx.statelib.graph_state_parts(gs)
+      >>> type(graphdef).__name__, list(state)
+      ('GraphDef', ['bias', 'kernel'])
+
+  Args:
+    gs: a GraphState.
+
+  Returns:
+    The pair ``(graphdef, state)``.
+  """
+  return gs._graphdef, gs._state
+
+
+def _graph_state_flatten_with_keys(gs):
+  children, keys = _state_flatten_with_keys(gs._state)
+  return children, (gs._graphdef, keys)
+
+
+def _graph_state_flatten(gs):
+  children, keys = _state_flatten(gs._state)
+  return children, (gs._graphdef, keys)
+
+
+def _graph_state_unflatten(aux, children):
+  graphdef, keys = aux
+  return GraphState(graphdef, _state_unflatten(keys, children))
+
+
+jax.tree_util.register_pytree_with_keys(GraphState, _graph_state_flatten_with_keys,
+                                        _graph_state_unflatten, _graph_state_flatten)
+
+
+class FlatState(tp.Sequence):
+  """A sequence of ``(path, leaf)`` pairs: a State without the nesting.
+
+  Sorted by path unless ``sort=False``. ``.paths`` and ``.leaves`` are tuples;
+  ``to_nested_state()`` nests it back. As a pytree its leaves are the leaves
+  (the paths are static), so it passes through ``jax.jit``.
+
+      >>> import arbax as nnx
+      >>> flat = nnx.FlatState([(('b',), 1), (('a', 'w'), 2)])
+      >>> flat.paths, flat.leaves, flat[0]
+      ((('a', 'w'), ('b',)), (2, 1), (('a', 'w'), 2))
+      >>> flat.to_nested_state().to_pure_dict()
+      {'a': {'w': 2}, 'b': 1}
+
+  Args:
+    items: the ``(path, leaf)`` pairs.
+    sort: sort them by path.
   """
 
   __slots__ = ('paths', 'leaves')
@@ -156,6 +398,15 @@ class FlatState(tp.Sequence):
 
   @classmethod
   def from_sorted_keys_values(cls, paths, leaves) -> 'FlatState':
+    """A FlatState of ``paths`` and ``leaves`` taken in the given order (no sorting).
+
+    Args:
+      paths: the paths, already in the wanted order.
+      leaves: one leaf per path.
+
+    Returns:
+      The FlatState.
+    """
     return cls(zip(paths, leaves), sort=False)
 
   def __getitem__(self, i):
@@ -173,17 +424,82 @@ class FlatState(tp.Sequence):
     return 'FlatState([\n' + ''.join(f'  ({p!r}, {v!r}),\n' for p, v in self) + '])'
 
   def filter(self, first, /, *filters):
+    """The pairs each filter selects, one FlatState per filter (the first match wins).
+
+    Pairs no filter matches are left out; the order is kept.
+
+        >>> import arbax as nnx
+        >>> flat = nnx.FlatState([(('w',), nnx.Param(1)), (('n',), nnx.BatchStat(2))])
+        >>> flat.filter(nnx.Param).paths
+        (('w',),)
+
+    Args:
+      first: a filter.
+      *filters: more filters.
+
+    Returns:
+      A FlatState for one filter, else a tuple of FlatStates.
+    """
     groups = _partition(list(self), filterlib.filters_to_predicates((first, *filters)), strict=False)
     out = tuple(FlatState(g, sort=False) for g in groups)
     return out[0] if len(out) == 1 else out
 
   def split(self, first, /, *filters):
+    """Partition the pairs by filters; every pair must match one (else a ValueError names its path).
+
+        >>> import arbax as nnx
+        >>> flat = nnx.FlatState([(('w',), nnx.Param(1)), (('n',), nnx.BatchStat(2))])
+        >>> params, rest = flat.split(nnx.Param, ...)
+        >>> params.paths, rest.paths
+        ((('w',),), (('n',),))
+
+    Args:
+      first: a filter.
+      *filters: more filters; end with ``...`` to catch the rest.
+
+    Returns:
+      A FlatState for one filter, else a tuple of FlatStates.
+    """
     groups = _partition(list(self), filterlib.filters_to_predicates((first, *filters)), strict=True)
     out = tuple(FlatState(g, sort=False) for g in groups)
     return out[0] if len(out) == 1 else out
 
   def to_nested_state(self) -> State:
+    """The nested State of these pairs (the inverse of ``State.flat_state``).
+
+    Returns:
+      A State.
+    """
     return from_flat_state(self)
+
+  @staticmethod
+  def merge(flat_state: 'FlatState', /, *flat_states: 'FlatState') -> 'FlatState':
+    """One FlatState of the pairs of all, sorted by path.
+
+        >>> import arbax as nnx
+        >>> a, b = nnx.FlatState([(('b',), 1)]), nnx.FlatState([(('a',), 2)])
+        >>> nnx.FlatState.merge(a, b).paths
+        (('a',), ('b',))
+
+    Args:
+      flat_state: a FlatState.
+      *flat_states: more of them.
+
+    Returns:
+      The merged FlatState.
+    """
+    return FlatState(pair for fs in (flat_state, *flat_states) for pair in fs)
+
+
+def _flat_state_unflatten(paths, leaves) -> FlatState:
+  out = object.__new__(FlatState)
+  out.paths, out.leaves = paths, tuple(leaves)
+  return out
+
+
+# A pytree whose leaves are the values (the paths are static), as NNX's: it passes through jax.jit.
+jax.tree_util.register_pytree_node(FlatState, lambda fs: (fs.leaves, fs.paths),
+                                   _flat_state_unflatten)
 
 
 def _is_branch(x) -> bool:
@@ -200,17 +516,51 @@ def _flat_items(tree, prefix=()):
 
 
 def to_flat_state(state: tp.Mapping) -> FlatState:
-  """The ``(path, leaf)`` pairs of a nested State, sorted by path."""
+  """The ``(path, leaf)`` pairs of a nested State (or dict), sorted by path.
+
+      >>> import arbax as nnx
+      >>> nnx.to_flat_state({'b': 1, 'a': {'w': 2}}).paths
+      (('a', 'w'), ('b',))
+
+  Args:
+    state: a State or nested dict.
+
+  Returns:
+    A FlatState.
+  """
   return FlatState(_flat_items(state))
 
 
 def flat_dict(state: tp.Mapping) -> dict:
-  """``{path: leaf}`` in insertion order (no sorting): the fast internal view."""
+  """``{path: leaf}`` in insertion order (no sorting): the fast internal view of a State.
+
+      >>> import arbax as nnx
+      >>> nnx.statelib.flat_dict({'b': 1, 'a': {'w': 2}})
+      {('b',): 1, ('a', 'w'): 2}
+
+  Args:
+    state: a State or nested dict.
+
+  Returns:
+    A new dict.
+  """
   return dict(_flat_items(state))
 
 
 def from_flat_state(flat, *, cls=State) -> State:
-  """Nest ``[(path, leaf)]``, a FlatState or a ``{path: leaf}`` dict into a State."""
+  """Nest ``[(path, leaf)]`` pairs, a FlatState or a ``{path: leaf}`` dict into a State.
+
+      >>> import arbax as nnx
+      >>> nnx.from_flat_state({('a', 'w'): 2, ('b',): 1}).to_pure_dict()
+      {'a': {'w': 2}, 'b': 1}
+
+  Args:
+    flat: the pairs.
+    cls: the mapping type of every level (State).
+
+  Returns:
+    The nested State.
+  """
   items = flat.items() if isinstance(flat, dict) else flat
   root = cls()
   for path, leaf in items:
@@ -226,7 +576,20 @@ def from_flat_state(flat, *, cls=State) -> State:
 
 
 def to_pure_dict(state: tp.Mapping) -> dict:
-  """Plain nested dicts of raw values (Variables unwrapped): what checkpoints store."""
+  """Plain nested dicts of raw values (Variables unwrapped): what checkpoints store.
+
+      >>> import arbax as nnx
+      >>> model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+      >>> pure = nnx.to_pure_dict(nnx.state(model))
+      >>> type(pure).__name__, type(pure['kernel']).__name__
+      ('dict', 'ArrayImpl')
+
+  Args:
+    state: a State or nested dict.
+
+  Returns:
+    A new nested dict; ``state`` is unchanged.
+  """
   out = {}
   for k, v in state.items():
     if isinstance(v, Variable):
@@ -239,7 +602,18 @@ def to_pure_dict(state: tp.Mapping) -> dict:
 
 
 def restore_int_paths(pure_dict: dict) -> dict:
-  """Keys that are digit strings (as JSON/Orbax store them) become ints again."""
+  """Keys that are digit strings (as JSON and Orbax store them) become ints again.
+
+      >>> import arbax as nnx
+      >>> nnx.restore_int_paths({'layers': {'0': {'w': 1}, '1': {'w': 2}}})
+      {'layers': {0: {'w': 1}, 1: {'w': 2}}}
+
+  Args:
+    pure_dict: nested dicts.
+
+  Returns:
+    A new nested dict with the same values.
+  """
   out = {}
   for k, v in pure_dict.items():
     if isinstance(k, str) and k.isdigit():
@@ -254,11 +628,27 @@ def _default_replace(target, value):
 
 
 def replace_by_pure_dict(state: tp.Mapping, pure_dict: tp.Mapping, replace_fn=None) -> None:
-  """Put the raw values of ``pure_dict`` into ``state``: each Variable is replaced by a new one of
-  the same kind and metadata holding the new value (the Variables of the model are not touched).
+  """Put the raw values of ``pure_dict`` into ``state``, in place: how a checkpoint is loaded.
 
-  ``replace_fn(old_leaf, value)`` overrides how the new entry is made. Digit-string keys (from
-  JSON checkpoints) match integer keys.
+  Each Variable entry is replaced by a new Variable of the same kind and metadata
+  holding the new value; the Variables ``state`` held (and the model they belong
+  to) are not touched, so follow with ``nnx.update(model, state)``. Digit-string
+  keys (from JSON checkpoints) match integer keys. A key that ``state`` lacks is
+  a ValueError naming its path.
+
+      >>> import jax.numpy as jnp, arbax as nnx
+      >>> model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+      >>> state = nnx.state(model)
+      >>> nnx.replace_by_pure_dict(state, {'bias': jnp.ones(3)})
+      >>> nnx.update(model, state)
+      >>> model.bias[...].tolist()
+      [1.0, 1.0, 1.0]
+
+  Args:
+    state: the State to fill (a nested mapping).
+    pure_dict: nested dicts of raw values, a subset of ``state``'s paths.
+    replace_fn: ``replace_fn(old_leaf, value) -> new_leaf``; by default a copy of
+      the Variable holding ``value`` (or ``value`` itself for a raw leaf).
   """
   replace_fn = replace_fn or _default_replace
   for path, value in _flat_items(restore_int_paths(dict(pure_dict))):
@@ -310,17 +700,66 @@ def _split_groups(state, filters, strict):
 
 
 def filter_state(state: tp.Mapping, first, /, *filters) -> State | tuple[State, ...]:
-  """The parts of ``state`` matched by each filter (one State per filter; the first match wins)."""
+  """The parts of ``state`` each filter selects, one State per filter (the first match wins).
+
+  Leaves no filter matches are left out; ``split_state`` requires every leaf to match.
+
+      >>> import arbax as nnx
+      >>> state = nnx.State({'w': nnx.Param(1.0), 'n': nnx.BatchStat(0)})
+      >>> list(nnx.filter_state(state, nnx.BatchStat))
+      ['n']
+
+  Args:
+    state: a State or nested dict.
+    first: a filter.
+    *filters: more filters.
+
+  Returns:
+    A State for one filter, else a tuple of States.
+  """
   return _split_groups(state, (first, *filters), strict=False)
 
 
 def split_state(state: tp.Mapping, first, /, *filters) -> State | tuple[State, ...]:
-  """Partition ``state``: each leaf goes to the first filter that matches; every leaf must match one."""
+  """Partition ``state``: each leaf goes to the first filter that matches it.
+
+  Every leaf must match one filter, else a ValueError names its path; end the
+  filters with ``...`` to catch the rest.
+
+      >>> import arbax as nnx
+      >>> state = nnx.State({'w': nnx.Param(1.0), 'n': nnx.BatchStat(0)})
+      >>> params, rest = nnx.split_state(state, nnx.Param, ...)
+      >>> list(params), list(rest)
+      (['w'], ['n'])
+
+  Args:
+    state: a State or nested dict.
+    first: a filter.
+    *filters: more filters.
+
+  Returns:
+    A State for one filter, else a tuple of States.
+  """
   return _split_groups(state, (first, *filters), strict=True)
 
 
 def merge_state(state: tp.Mapping, /, *states: tp.Mapping) -> State:
-  """One State with the leaves of all; later states win on equal paths."""
+  """One State with the leaves of all; later states win on equal paths.
+
+  The inverse of ``split_state``.
+
+      >>> import arbax as nnx
+      >>> params, rest = nnx.State({'w': 1}), nnx.State({'n': 2})
+      >>> nnx.merge_state(params, rest).to_pure_dict()
+      {'w': 1, 'n': 2}
+
+  Args:
+    state: a State or nested dict.
+    *states: more of them.
+
+  Returns:
+    A new State.
+  """
   merged = {}
   for s in (state, *states):
     merged.update(_flat_items(s))
@@ -328,7 +767,20 @@ def merge_state(state: tp.Mapping, /, *states: tp.Mapping) -> State:
 
 
 def map_state(f: tp.Callable[[tuple, tp.Any], tp.Any], state: tp.Mapping) -> State:
-  """A State with ``f(path, leaf)`` at every path."""
+  """A State with ``f(path, leaf)`` at every path of ``state``.
+
+      >>> import arbax as nnx
+      >>> state = nnx.State({'w': nnx.Param(2.0)})
+      >>> nnx.map_state(lambda path, v: v.replace(v[...] * 10), state)['w'][...]
+      20.0
+
+  Args:
+    f: ``f(path, leaf) -> new leaf``.
+    state: a State or nested dict.
+
+  Returns:
+    A new State of the same paths.
+  """
   return from_flat_state({p: f(p, v) for p, v in _flat_items(state)})
 
 
@@ -433,6 +885,40 @@ def _compile_level(skel):
   return branch_level
 
 
-__all__ = ['State', 'FlatState', 'to_flat_state', 'from_flat_state', 'flat_dict', 'to_pure_dict',
+__all__ = ['create_path_filters', 'graph_state_parts', 'State', 'GraphState', 'FlatState', 'to_flat_state', 'from_flat_state', 'flat_dict', 'to_pure_dict',
            'replace_by_pure_dict', 'filter_state', 'split_state', 'merge_state', 'map_state',
            'restore_int_paths']
+
+
+def create_path_filters(state: tp.Mapping) -> dict:
+  """``{nnx.PathIn(*paths): value}``: one exact-path filter per distinct value of ``state``.
+
+  A Variable counts as its value. Turns a State of per-leaf values (shardings,
+  axes) into the ``{filter: value}`` form ``StateSharding`` / ``StateAxes`` take.
+
+      >>> import arbax as nnx
+      >>> nnx.statelib.create_path_filters({'a': 0, 'b': {'c': 0, 'd': 1}})
+      {PathIn(('a',), ('b', 'c')): 0, PathIn(('b', 'd')): 1}
+
+  Args:
+    state: a State (or nested dict) whose leaves are the values.
+
+  Returns:
+    A dict from PathIn filters to values.
+  """
+  by_value: dict = {}
+  for path, value in to_flat_state(state):
+    if isinstance(value, Variable):
+      value = value.get_value()
+    key = _hashable_key(value)
+    by_value.setdefault(key, (value, []))[1].append(path)
+  return {filterlib.PathIn(*paths): value for value, paths in by_value.values()}
+
+
+def _hashable_key(value):
+  try:
+    hash(value)
+    return value
+  except TypeError:
+    return ('unhashable', id(value))
+

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+import _common as C
 import arbax as nnx
 
 WIDTH, BATCH = 16, 8
@@ -71,11 +72,11 @@ def _loss(model, x, y):
   return jnp.mean((model(x) - y) ** 2)
 
 
-def make_arbax(depth, graph):
+def make_arbax(depth, graph, graph_updates=True):
   model = MLP(depth, rngs=nnx.Rngs(0))
   optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
 
-  @nnx.jit(graph=graph)
+  @nnx.jit(graph=graph, graph_updates=graph_updates and graph)
   def step(model, optimizer, x, y):
     loss, grads = nnx.value_and_grad(_loss)(model, x, y)
     optimizer.update(model, grads)
@@ -120,14 +121,14 @@ def make_hijax(depth):
     def loss_fn(params):
       return _loss(nnx.merge(graphdef, params, nondiff), x, y)
 
-    loss, grads = jax.value_and_grad(loss_fn)(nnx.vars_as(params, hijax=False))
+    loss, grads = jax.value_and_grad(loss_fn)(nnx.with_vars(params, hijax=False))
     optimizer.update(model, grads)
     return loss
 
   return lambda x, y: step(model, optimizer, x, y)
 
 
-def make_flax(depth, graph):
+def make_flax(depth, graph, graph_updates=True):
   from flax import nnx as fnnx
 
   class FMLP(fnnx.Module):
@@ -142,7 +143,7 @@ def make_flax(depth, graph):
   model = FMLP(depth, rngs=fnnx.Rngs(0))
   optimizer = fnnx.Optimizer(model, optax.adam(1e-3), wrt=fnnx.Param)
 
-  @fnnx.jit(graph=graph)
+  @fnnx.jit(graph=graph, graph_updates=graph_updates and graph)
   def step(model, optimizer, x, y):
     loss, grads = fnnx.value_and_grad(_loss)(model, x, y)
     optimizer.update(model, grads)
@@ -187,12 +188,14 @@ def make_equinox(depth):
 def variants(depth):
   rows = [('raw jax.jit', make_raw(depth)),
           ('arbax nnx.jit (tree)', make_arbax(depth, graph=False)),
-          ('arbax nnx.jit (graph)', make_arbax(depth, graph=True)),
+          ('arbax nnx.jit (graph, graph updates: NNX default)', make_arbax(depth, graph=True)),
+          ('arbax nnx.jit (graph, no graph updates)', make_arbax(depth, True, False)),
           ('arbax jax.jit + state/update', make_guide_pattern(depth)),
           ('arbax jax.jit + hijax Variables', make_hijax(depth))]
   try:
     rows.append(('flax nnx.jit (tree)', make_flax(depth, graph=False)))
-    rows.append(('flax nnx.jit (graph)', make_flax(depth, graph=True)))
+    rows.append(('flax nnx.jit (graph, graph updates: NNX default)', make_flax(depth, graph=True)))
+    rows.append(('flax nnx.jit (graph, no graph updates)', make_flax(depth, True, False)))
   except ImportError:
     pass
   try:
@@ -222,21 +225,30 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--quick', action='store_true')
   parser.add_argument('--depths', type=int, nargs='*', default=[4, 32])
+  parser.add_argument('--summary', metavar='FILE', help='write the summary rows as JSON to FILE')
   args = parser.parse_args(argv)
   calls, rounds = (20, 5) if args.quick else (100, 15)
   x = jnp.ones((BATCH, WIDTH))
   y = jnp.zeros((BATCH, WIDTH))
-  print(f'# jax {jax.__version__}, {platform.processor() or platform.machine()}, '
-        f'{jax.devices()[0].platform}, python {sys.version.split()[0]}, {time.strftime("%Y-%m-%d")}')
+  print(f'\n## Per-call overhead of a jitted Adam train step\n')
+  print(f'jax {jax.__version__}, {platform.processor() or platform.machine()}, '
+        f'{jax.devices()[0].platform}, python {sys.version.split()[0]}, {C.load_text()}, '
+        f'{time.strftime("%Y-%m-%d")}\n')
   print(f'| variant | depth | us/call | ratio to raw |')
   print(f'|---|---|---|---|')
   results = {}
+  summary = C.Summary('overhead')
   for depth in args.depths:
     med = measure(variants(depth), x, y, calls=calls, rounds=rounds)
     raw = med['raw jax.jit']
     for name, t in med.items():
       results[(name, depth)] = t / raw
       print(f'| {name} | {depth} | {t * 1e6:.1f} | {t / raw:.2f}x |')
+    summary.add(f'nnx.jit train step per call, MLP depth {depth}',
+                med['arbax nnx.jit (graph, graph updates: NNX default)'], 'raw jax.jit', raw,
+                goal=None)
+  print()
+  summary.write(args.summary)
   return results
 
 

@@ -12,15 +12,17 @@ machine noise hits them alike; the table shows each variant's median.
 """
 from __future__ import annotations
 
-import argparse
-import platform
 import statistics
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 
+import _common as C
 import arbax as nnx
+
+GOAL = 2.0
 
 DEPTH, WIDTH = 32, 4
 
@@ -48,10 +50,8 @@ def per_call_us(fn, arg, calls: int) -> float:
   return (time.perf_counter() - start) / calls * 1e6
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--quick', action='store_true', help='fewer rounds and calls')
-  args = parser.parse_args()
+def main(argv=None) -> int:
+  args = C.parse_args(__doc__, argv=argv)
   rounds, calls = (5, 200) if args.quick else (15, 1000)
 
   model = Model(DEPTH)
@@ -70,14 +70,21 @@ def main():
       samples[(op, 'arbax')].append(per_call_us(fn, model, calls))
       samples[(op, 'dicts')].append(per_call_us(fn, plain, calls))
 
-  print(f'{DEPTH} layers x 2 Params; median of {rounds} rounds x {calls} calls; '
-        f'python {platform.python_version()}, jax {jax.__version__}')
-  print(f'{"operation":<24} {"arbax us/call":>14} {"dicts us/call":>14} {"ratio":>7}')
+  C.header(f'jax.tree over a {DEPTH}-layer model ({2 * DEPTH} Params) vs the same leaves in dicts; '
+           f'median of {rounds} rounds x {calls} calls')
+  rows = []
+  summary = C.Summary('pytree_flatten')
   for op in ops:
     ours = statistics.median(samples[(op, 'arbax')])
     base = statistics.median(samples[(op, 'dicts')])
-    print(f'{op:<24} {ours:>14.1f} {base:>14.1f} {ours / base:>6.2f}x')
+    goal = GOAL if op == 'jax.tree.flatten' else None
+    rows.append((op, f'{ours:.1f}', f'{base:.1f}', C.ratio_text(ours / base, goal)))
+    summary.add(f'{op} of a {DEPTH}-layer model vs dicts', ours * 1e-6, 'same leaves in dicts',
+                base * 1e-6, goal=goal)
+  C.table(['operation', 'arbax µs/call', 'dicts µs/call', 'ratio'], rows)
+  summary.write(args.summary)
+  return 0
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(main())

@@ -16,15 +16,14 @@ does), so other processes on a busy machine do not bill the longer rows.
 """
 from __future__ import annotations
 
-import argparse
 import gc
-import platform
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
 
+import _common as C
 import arbax as nnx
 
 DEPTH, WIDTH = 32, 4
@@ -75,15 +74,13 @@ def time_us(fn, number: int) -> float:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--quick', action='store_true', help='fewer repetitions')
-  args = parser.parse_args(argv)
+  args = C.parse_args(__doc__, argv=argv)
   number, repeat = (50, 5) if args.quick else (200, 15)
 
-  print(f'# {DEPTH}-layer MLP ({2 * DEPTH} Params), python {platform.python_version()}, '
-        f'jax {jax.__version__}')
-  print(f'{"mode":<6} {"operation":<14} {"arbax":>8} {"jax.tree(leaves)":>17} {"ratio":>6} '
-        f'{"jax.tree(model)":>16} {"ratio":>6}')
+  C.header(f'State API vs jax.tree, {DEPTH}-layer MLP ({2 * DEPTH} Params), best of rounds, '
+           f'CPU time')
+  rows = []
+  summary = C.Summary('state_api')
   for graph in (False, True):
     cases, baseline, model_baseline = make_cases(graph)
     for name, fn in cases.items():
@@ -96,7 +93,12 @@ def main(argv=None) -> int:
           times.append(time_us(f, number))
       a, b, c = (min(times) for times in rounds)
       mode = 'graph' if graph else 'tree'
-      print(f'{mode:<6} {name:<14} {a:>8.1f} {b:>17.1f} {a / b:>6.2f} {c:>16.1f} {a / c:>6.2f}')
+      rows.append((mode, name, f'{a:.1f}', f'{b:.1f}', f'{a / b:.2f}×', f'{c:.1f}', f'{a / c:.2f}×'))
+      summary.add(f'{name} ({mode} mode), {2 * DEPTH} Params', a * 1e-6,
+                  'jax.tree round trip of the leaves in dicts', b * 1e-6, goal=None)
+  C.table(['mode', 'operation', 'arbax µs', 'jax.tree(leaves) µs', 'ratio', 'jax.tree(model) µs',
+           'ratio'], rows)
+  summary.write(args.summary)
   return 0
 
 

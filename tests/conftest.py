@@ -5,6 +5,7 @@ import os
 # does not change results beyond float rounding the tests' tolerances allow.
 os.environ.setdefault('XLA_FLAGS', '--xla_backend_optimization_level=0 '
                       '--xla_llvm_disable_expensive_passes=true')
+os.environ.setdefault('ARBAX_CHECK_CACHE', '1')  # every cache reuse re-walks and compares
 
 import pytest  # noqa: E402
 

@@ -78,22 +78,30 @@ def check_scan_over_layers(make, x, n=3, apply=lambda m, x: m(x)):
 
 
 def check_scan_broadcast(layer, xs, apply=lambda m, x: m(x)):
-  """One layer applied to every step of ``xs`` inside nnx.scan == a Python loop.
+  """One layer broadcast (``None``) over the steps of ``xs`` inside nnx.scan, both NNX rules.
 
-  The layer is broadcast (``None``), so its state updates accumulate over the
-  steps exactly as in the loop; the carry sums the outputs.
+  With graph updates (the default) every step sees the layer as it came in and
+  its state updates are dropped: each step equals a call on a fresh copy, and the
+  layer is unchanged. Without graph updates its state is carried, so updates
+  accumulate exactly as in a Python loop (this run updates ``layer`` itself). The
+  carry sums the outputs.
   """
-  ref_layer = nnx.clone(layer)
+  for graph_updates in (True, False):
+    scanned = nnx.clone(layer) if graph_updates else layer
+    ref_layer = nnx.clone(layer)
 
-  @nnx.jit
-  @nnx.scan(in_axes=(None, nnx.Carry, 0), out_axes=(nnx.Carry, 0))
-  def run(m, total, x):
-    y = apply(m, x)
-    return total + y.sum(), y
+    @nnx.jit
+    @nnx.scan(in_axes=(None, nnx.Carry, 0), out_axes=(nnx.Carry, 0), graph_updates=graph_updates)
+    def run(m, total, x):
+      y = apply(m, x)
+      return total + y.sum(), y
 
-  total, ys = run(layer, jnp.zeros(()), xs)
-  refs = [apply(ref_layer, x) for x in xs]
-  np.testing.assert_allclose(ys, np.stack(refs), rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(total, sum(float(r.sum()) for r in refs), rtol=1e-4, atol=1e-5)
-  for a, b in zip(jax.tree.leaves(nnx.state(layer)), jax.tree.leaves(nnx.state(ref_layer))):
-    np.testing.assert_allclose(_numbers(a), _numbers(b), rtol=1e-5, atol=1e-6)
+    total, ys = run(scanned, jnp.zeros(()), xs)
+    if graph_updates:
+      refs = [apply(nnx.clone(ref_layer), x) for x in xs]
+    else:
+      refs = [apply(ref_layer, x) for x in xs]
+    np.testing.assert_allclose(ys, np.stack(refs), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(total, sum(float(r.sum()) for r in refs), rtol=1e-4, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(nnx.state(scanned)), jax.tree.leaves(nnx.state(ref_layer))):
+      np.testing.assert_allclose(_numbers(a), _numbers(b), rtol=1e-5, atol=1e-6)

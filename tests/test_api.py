@@ -295,11 +295,11 @@ def test_tree_mode_alias_error_names_both_paths():
   p = nnx.Param(jnp.ones(1))
   for fn in (nnx.split, nnx.state, nnx.graphdef):
     with pytest.raises(ValueError) as e:
-      fn(Pair(p, p))
+      fn(Pair(p, p), graph=False)
     assert '.a' in str(e.value) and '.b' in str(e.value) and 'graph=True' in str(e.value)
   blk = Block()
   with pytest.raises(ValueError, match=r'\.b.*\.a'):
-    nnx.split(Pair(blk, blk))
+    nnx.split(Pair(blk, blk), graph=False)
 
 
 def test_graph_mode_stores_shared_variables_once_and_merge_shares_them():
@@ -324,7 +324,7 @@ def test_graph_mode_rebuilds_reference_cycles_tree_mode_refuses_them():
   a, b = Block(1.0), Block(2.0)
   a.other, b.other = b, a
   with pytest.raises(ValueError, match=r'\.other\.other'):
-    nnx.split(a)
+    nnx.split(a, graph=False)
   g, s = nnx.split(a, graph=True)
   m = nnx.merge(g, s)
   assert m.other.other is m and m.other is not m
@@ -334,21 +334,27 @@ def test_graph_mode_rebuilds_reference_cycles_tree_mode_refuses_them():
 def test_set_graph_mode_changes_the_default_globally_and_as_a_context_manager():
   p = nnx.Param(jnp.ones(1))
   pair = Pair(p, p)
-  with nnx.graphlib.set_graph_mode(True):
-    assert len(flat(nnx.state(pair))) == 1
+  assert len(flat(nnx.state(pair))) == 1  # NNX's default: graph mode, sharing allowed
+  with nnx.graphlib.set_graph_mode(False):
     with pytest.raises(ValueError):
-      nnx.state(pair, graph=False)  # the argument wins over the default
-  with pytest.raises(ValueError):
-    nnx.state(pair)
-  nnx.graphlib.set_graph_mode(True)
+      nnx.state(pair)
+    assert len(flat(nnx.state(pair, graph=True))) == 1  # the argument wins over the default
+  assert nnx.merge(*nnx.split(pair)).a is p
+  nnx.graphlib.set_graph_mode(False)
+  try:
+    with pytest.raises(ValueError):
+      nnx.state(pair)
+  finally:
+    nnx.graphlib.set_graph_mode(True)
   assert nnx.merge(*nnx.split(pair)).a is p
 
 
 def test_set_graph_updates_is_a_scoped_setting():
   from arbax import _settings
-  with nnx.graphlib.set_graph_updates(True):
-    assert _settings.SETTINGS.graph_updates is True
-  assert _settings.SETTINGS.graph_updates is False
+  assert _settings.SETTINGS.graph_updates is True  # NNX's default
+  with nnx.graphlib.set_graph_updates(False):
+    assert _settings.SETTINGS.graph_updates is False
+  assert _settings.SETTINGS.graph_updates is True
 
 
 # -- traversals ---------------------------------------------------------------
@@ -356,7 +362,7 @@ def test_set_graph_updates_is_a_scoped_setting():
 
 def test_iter_graph_yields_children_before_parents_in_pytree_order():
   m = Model()
-  got = [(p, type(x).__name__) for p, x in nnx.iter_graph(m)]
+  got = [(p, type(x).__name__) for p, x in nnx.iter_graph(m, graph=False)]
   assert got == [(('arr',), 'ArrayImpl'), (('c',), 'Count'),
                  (('layers', 0, 'b'), 'BatchStat'), (('layers', 0, 'w'), 'Param'),
                  (('layers', 0), 'Block'), (('layers', 1, 'b'), 'BatchStat'),
@@ -369,7 +375,7 @@ def test_iter_graph_graph_mode_visits_shared_objects_once_and_shows_static_attri
   got = [p for p, _ in nnx.iter_graph(Pair(blk, blk), graph=True)]
   assert got == [('a', 'b'), ('a', 'n'), ('a', 'w'), ('a',), ()]
   with pytest.raises(ValueError, match=r'\.b.*\.a'):
-    list(nnx.iter_graph(Pair(blk, blk)))
+    list(nnx.iter_graph(Pair(blk, blk), graph=False))
 
 
 def test_iter_graph_includes_containers_and_their_items():
@@ -673,3 +679,186 @@ def test_map_builds_new_node():
   assert nm is not m and type(nm) is _Counter
   np.testing.assert_allclose(nm.w[...], [0.0, 0.0])
   np.testing.assert_allclose(m.w[...], [2.0, 2.0])
+
+
+# -- bare leaves, merge / update edge cases --------------------------------------
+
+
+@pytest.mark.parametrize('graph', [True, False])
+def test_split_of_a_bare_leaf_returns_the_leaf_and_merge_returns_it_back(graph):
+  for leaf in (nnx.Param(jnp.ones(2)), jnp.arange(3), 7, 'tag'):
+    graphdef, state = nnx.split(leaf, graph=graph)
+    assert state is leaf and nnx.merge(graphdef, state) is leaf
+
+
+@pytest.mark.parametrize('graph', [True, False])
+def test_a_bare_variable_split_by_filters_sits_in_its_group_and_updates(graph):
+  v = nnx.Param(jnp.array(1.0))
+  graphdef, stats, params, rest = nnx.split(v, nnx.BatchStat, nnx.Param, ..., graph=graph)
+  assert params is v and stats == {} and rest == {} and isinstance(stats, nnx.State)
+  assert nnx.merge(graphdef, stats, params, rest) is v
+  nnx.update(v, stats, jnp.array(5.0), rest)
+  assert float(v[...]) == 5.0
+  nnx.update(v, nnx.Param(jnp.array(6.0)))
+  assert float(v[...]) == 6.0
+  with pytest.raises(ValueError, match='exactly one non-empty'):
+    nnx.update(v, jnp.array(1.0), jnp.array(2.0))
+
+
+def test_merge_without_a_state_or_graphdef_raises_type_error():
+  graphdef, _ = nnx.split(Block())
+  with pytest.raises(TypeError, match=r"missing 1 required positional argument: 'state'"):
+    nnx.merge(graphdef)
+  with pytest.raises(TypeError, match='GraphDef'):
+    nnx.merge({'w': 1.0}, {})
+
+
+def test_merge_accepts_a_flat_state_or_the_leaf_list_of_flatten():
+  m = Model()
+  graphdef, flat_state = nnx.graphlib.flatten(m)
+  assert nnx.merge(graphdef, flat_state).c is m.c
+  graphdef, leaves = nnx.graphlib.flatten(m, with_paths=False)
+  assert nnx.merge(graphdef, leaves).layers[1].w is m.layers[1].w
+
+
+def test_update_of_plain_containers_replaces_values_and_adds_keys():
+  node = {'a': {'static': 1, 'p': nnx.Param(jnp.array(2.0))}, 'items': [nnx.Param(1.0)]}
+  p = node['a']['p']
+  nnx.update(node, {'a': {'static': 4, 'p': jnp.array(10.0), 'new': 5}, 'items': {1: 'added'}})
+  assert node['a']['static'] == 4 and node['a']['new'] == 5 and node['items'][1] == 'added'
+  assert node['a']['p'] is p and float(p[...]) == 10.0
+  with pytest.raises(ValueError, match=r'\.t\[0\].*tuple'):
+    nnx.update({'t': (1, 2)}, {'t': {0: 5}})
+
+
+def test_unflatten_with_the_wrong_number_of_leaves_says_so():
+  graphdef, _ = nnx.split(Model())
+  with pytest.raises(ValueError, match='Incorrect number of leaves'):
+    nnx.graphlib.unflatten(graphdef, nnx.State({}))
+  with pytest.raises(ValueError, match='Incorrect number of leaves'):
+    nnx.graphlib.unflatten(graphdef, [1, 2])
+
+
+# -- unpack / GraphState -----------------------------------------------------------
+
+
+def test_unpack_bundles_the_graphdef_with_each_state_and_merge_takes_them():
+  m = Model()
+  whole = nnx.unpack(m)
+  assert isinstance(whole, nnx.GraphState) and whole._graphdef == nnx.graphdef(m)
+  assert whole['c'] is m.c and whole.layers[0]['w'] is m.layers[0].w
+  params, rest = nnx.unpack(m, nnx.Param, ...)
+  assert params._graphdef == rest._graphdef
+  m2 = nnx.merge(params, rest)
+  assert type(m2) is Model and m2.layers[1].w is m.layers[1].w
+
+
+def test_merge_of_graph_states_checks_their_graphdefs_and_types():
+  a, b = nnx.unpack(Model()), nnx.unpack(Block())
+  with pytest.raises(ValueError, match='GraphDef must be the same'):
+    nnx.merge(a, b)
+  with pytest.raises(ValueError, match='Expected GraphState'):
+    nnx.merge(a, nnx.state(Model()))
+
+
+def test_a_graph_state_is_a_pytree_with_the_paths_of_its_state_and_updates_a_model():
+  m = Model()
+  packed, _ = nnx.unpack(m, nnx.Param, ...)
+  keys = [p for p, _ in jax.tree_util.tree_flatten_with_path(packed)[0]]
+  assert keys == [p for p, _ in jax.tree_util.tree_flatten_with_path(nnx.state(m, nnx.Param))[0]]
+  zeros = jax.tree.map(jnp.zeros_like, packed)
+  assert isinstance(zeros, nnx.GraphState) and zeros._graphdef is packed._graphdef
+  nnx.update(m, zeros)
+  assert float(m.layers[1].w[...].sum()) == 0.0
+
+
+def test_grad_through_merge_of_graph_states_returns_a_graph_state():
+  m = Model()
+  params, rest = nnx.unpack(m, nnx.Param, ...)
+  grads = nnx.grad(lambda p, r: nnx.merge(p, r).layers[1].w[...].sum(), graph=False)(params, rest)
+  assert isinstance(grads, nnx.GraphState)
+  assert grads['layers'][1]['w'][...].tolist() == [1.0, 1.0]
+
+
+# -- tree-mode flatten order and traversal errors ----------------------------------
+
+
+def test_tree_mode_flatten_sorts_leaves_by_path_and_unflatten_puts_them_back():
+  import collections
+  Point = collections.namedtuple('Point', ['y', 'x'])
+  pt = Point(nnx.Param(1.0), nnx.Param(2.0))
+  graphdef, flat_state = nnx.graphlib.flatten(pt, graph=False)
+  assert flat_state.paths == (('x',), ('y',)) and flat_state.leaves[0] is pt.x
+  _, leaves = nnx.graphlib.flatten(pt, graph=False, with_paths=False)
+  assert leaves[0] is pt.x
+  for state in (flat_state, leaves):
+    back = nnx.graphlib.unflatten(graphdef, state)
+    assert type(back) is Point and back.y is pt.y and back.x is pt.x
+  graphdef, flat_state = nnx.graphlib.flatten(pt, graph=True)   # graph mode: traversal order
+  assert flat_state.paths == (('y',), ('x',))
+
+
+@pytest.mark.parametrize('walk', ['iter_graph', 'recursive_map'])
+def test_tree_mode_traversals_refuse_shared_variables_and_cycles_naming_both_paths(walk):
+  run = (lambda n: list(nnx.iter_graph(n, graph=False))) if walk == 'iter_graph' else (
+      lambda n: nnx.recursive_map(lambda p, x: x, n, graph=False))
+  p = nnx.Param(1.0)
+  with pytest.raises(ValueError, match=r'Param found at paths:\s+- \.a\s+- \.b'):
+    run(Pair(p, p))
+  ring = nnx.List([1])
+  ring.append(nnx.List([2, ring]))
+  with pytest.raises(ValueError, match=r'List found at paths:\s+- <root>\s+- \[1\]\[1\]'):
+    run(ring)
+
+
+def test_tree_mode_iter_graph_visits_a_shared_object_without_variables_twice():
+  leaf_box = Pair(1, 2)
+  paths = [p for p, x in nnx.iter_graph(Pair(leaf_box, leaf_box), graph=False) if x is leaf_box]
+  assert paths == [('a',), ('b',)]
+
+
+@pytest.mark.parametrize('walk', ['iter_graph', 'recursive_map'])
+def test_tree_mode_traversals_refuse_objects_declared_pytree_false(walk):
+  class Opaque(nnx.Pytree, pytree=False):
+    pass
+
+  node = nnx.List([Opaque()])
+  with pytest.raises(ValueError, match=rf"'{walk}' with graph=False.*pytree=False.*\[0\]"):
+    if walk == 'iter_graph':
+      list(nnx.iter_graph(node, graph=False))
+    else:
+      nnx.recursive_map(lambda p, x: x, node, graph=False)
+  assert [p for p, _ in nnx.iter_graph(node, graph=True)] == [(0,), ()]
+
+
+def test_map_can_leave_raw_values_unwrapped():
+  out = nnx.map(lambda path, v: 0, Block(), recreate_variables=False)
+  assert out.w == 0 and out.b == 0 and not isinstance(out.w, nnx.Variable)
+  assert isinstance(nnx.map(lambda path, v: 0, Block()).w, nnx.Param)
+
+
+@pytest.mark.parametrize('recreate', [True, False])
+def test_map_keeps_the_variables_f_returns_as_they_are(recreate):
+  block = Block()
+  out = nnx.map(lambda path, v: v, block, recreate_variables=recreate)
+  assert out is not block
+  assert out.w is block.w and out.b is block.b  # the very Variables, not copies
+
+
+def test_map_of_a_bare_variable_maps_it_as_the_leaf_at_the_empty_path():
+  v = nnx.Param(jnp.ones(2), tag='t')
+  paths = []
+
+  def double(path, x):
+    paths.append(path)
+    return x * 2
+
+  out = nnx.map(double, v)
+  assert paths == [()]
+  assert type(out) is nnx.Param and out.tag == 't' and out is not v  # raw result re-wrapped
+  np.testing.assert_array_equal(out[...], [2.0, 2.0])
+  np.testing.assert_array_equal(v[...], [1.0, 1.0])
+  assert nnx.map(lambda path, x: x, v) is v
+  raw = nnx.map(double, v, recreate_variables=False)
+  assert not isinstance(raw, nnx.Variable)
+  np.testing.assert_array_equal(raw, [2.0, 2.0])

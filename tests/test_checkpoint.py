@@ -492,8 +492,7 @@ def test_save_killed_midway_leaves_a_whole_checkpoint(killed_saves, name, surviv
   path, code, stderr = killed_saves[name]
   assert code == -signal.SIGKILL, stderr
   assert restored_seed(path) == survivor            # old before the move, new after it
-  [leftover] = leftovers(path)                      # the killed save's temporary directory
-  assert os.listdir(os.path.join(os.path.dirname(path), leftover))
+  [_] = leftovers(path)                             # the killed save's temporary directory
   nnx.checkpoint.save(path, Tiny(2), overwrite=True)
   assert restored_seed(path) == 2
   assert leftovers(path) == []                      # ... which the next save removed

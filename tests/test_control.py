@@ -102,7 +102,8 @@ def test_cond_failure_leaves_state_untouched():
   assert float(acc.total[...]) == 0.0
 
 
-def test_cond_shared_variables():
+@pytest.mark.parametrize('graph_updates', [True, False])
+def test_cond_shared_variables_graph_mode_works_tree_mode_refuses(graph_updates):
   v = nnx.BatchStat(jnp.array(1.0))
   d = nnx.Dict(a=v, b=v)
 
@@ -110,13 +111,84 @@ def test_cond_shared_variables():
     d['a'][...] += 1.0
     return d['b'][...]
 
-  with pytest.raises(ValueError) as info:
-    nnx.cond(True, bump, bump, d)
-  assert 'a' in str(info.value) and 'b' in str(info.value)
-  assert float(v[...]) == 1.0
-  out = nnx.cond(jnp.array(True), bump, bump, d, graph=True)
+  out = nnx.cond(jnp.array(True), bump, bump, d, graph_updates=graph_updates)
   assert float(out) == 2.0                          # the write through .a is seen through .b
+  assert float(v[...]) == 2.0 and d['a'] is d['b']
+  with pytest.raises(ValueError) as info:
+    nnx.cond(True, bump, bump, d, graph=False)
+  assert 'a' in str(info.value) and 'b' in str(info.value)
   assert float(v[...]) == 2.0
+
+
+def test_switch_shared_variables_in_graph_mode():
+  v = nnx.BatchStat(jnp.array(0.0))
+  d = nnx.Dict(a=v, b=v)
+  branches = (lambda d: d['a'].__setitem__(..., d['a'][...] + 1),
+              lambda d: d['b'].__setitem__(..., d['b'][...] + 10))
+  nnx.switch(1, branches, d)
+  nnx.switch(0, branches, d, graph_updates=False)
+  assert float(d['a'][...]) == 11.0 and d['a'] is d['b']
+  with pytest.raises(ValueError):
+    nnx.switch(0, branches, d, graph=False)
+
+
+def test_cond_structural_updates_need_both_branches_to_agree():
+  def grow(acc, x):
+    acc.extra = nnx.BatchStat(jnp.sum(x))
+    acc.note = 'grown'
+    return x
+
+  def grow_more(acc, x):
+    acc.extra = nnx.BatchStat(jnp.sum(x) * 10)
+    acc.note = 'grown'
+    return -x
+
+  acc = Acc()
+  nnx.cond(jnp.array(False), grow, grow_more, acc, jnp.ones(2))
+  assert acc.note == 'grown' and float(acc.extra[...]) == 20.0
+  acc = Acc()
+  nnx.switch(0, (grow, grow_more), acc, jnp.ones(2))
+  assert float(acc.extra[...]) == 2.0
+  acc = Acc()
+  nnx.cond(True, grow, grow_more, acc, jnp.ones(2), graph_updates=False)
+  assert not hasattr(acc, 'extra')                 # without graph updates: values only
+  acc, before = Acc(), None
+  before = nnx.graphdef(acc)
+  with pytest.raises(TypeError):                   # one branch changes the structure, one not
+    nnx.cond(jnp.array(True), grow, add, acc, jnp.ones(2))
+  assert nnx.graphdef(acc) == before and int(acc.calls[...]) == 0
+
+
+def test_cond_outputs_that_are_operands():
+  acc = Acc()
+  assert nnx.cond(True, lambda a: a, lambda a: a, acc) is acc   # graph updates: the caller's
+  assert nnx.cond(True, lambda a: a.w, lambda a: a.w, acc) is acc.w
+  with pytest.raises(ValueError, match='Duplicate Param') as info:
+    nnx.cond(True, lambda a: a.w, lambda a: a.w, acc, graph_updates=False)
+  assert '.args[0].w' in str(info.value) and 'nnx.cond' in str(info.value)
+
+
+def test_cond_and_switch_reuse_their_traces_for_the_same_branches():
+  traces = []
+
+  def up(acc, x):
+    traces.append('up')
+    return add(acc, x)
+
+  def down(acc, x):
+    traces.append('down')
+    return sub(acc, x)
+
+  acc = Acc()
+  for flag in (True, False, True):
+    nnx.cond(flag, up, down, acc, jnp.ones(2))
+  assert sorted(traces) == ['down', 'up']          # each branch traced once, then reused
+  for index in (0, 1, 1):
+    nnx.switch(index, (up, down), acc, jnp.ones(2))
+  assert len(traces) == 4                          # once more each, for switch
+  assert int(acc.calls[...]) == 3
+  nnx.cond(True, up, down, acc, jnp.ones(3))       # a new operand shape traces again
+  assert len(traces) == 6
 
 
 def test_grad_through_cond():
@@ -162,6 +234,58 @@ def test_eval_shape_of_a_call_leaves_arguments_unchanged():
   assert kw.shape == (4,)
 
 
+@pytest.mark.parametrize('graph_updates', [True, False])
+def test_eval_shape_never_changes_the_arguments(graph_updates):
+  model = Tiny(2, 3, rngs=nnx.Rngs(0))
+  before = nnx.graphdef(model)
+
+  def grow(m):
+    m.steps[...] += 1
+    m.extra = nnx.Param(jnp.zeros(4))
+    return m.extra
+
+  out = nnx.eval_shape(grow, model, graph_updates=graph_updates)
+  assert isinstance(out, nnx.Param) and out.get_value().shape == (4,)
+  assert nnx.graphdef(model) == before and int(model.steps[...]) == 0
+
+
+def test_eval_shape_with_graph_updates_returns_new_abstract_objects_for_inputs():
+  model = Tiny(2, 3, rngs=nnx.Rngs(0))
+  out, kernel = nnx.eval_shape(lambda m: (m, m.kernel), model)
+  assert isinstance(out, Tiny) and out is not model
+  assert out.kernel is kernel                        # sharing inside the output is kept
+  assert isinstance(kernel.get_value(), jax.ShapeDtypeStruct)
+
+
+@pytest.mark.parametrize('flags', [dict(graph_updates=False), dict(graph=False)])
+def test_eval_shape_without_graph_updates_refuses_aliased_variables(flags):
+  v = nnx.Param(jnp.array(1.0))
+  with pytest.raises(ValueError, match='Duplicate Param') as info:
+    nnx.eval_shape(lambda v: v, v, **flags)
+  assert '.args[0]' in str(info.value) and '.out' in str(info.value)
+  with pytest.raises(ValueError, match='Duplicate Param'):
+    nnx.eval_shape(lambda a, b: None, v, v, **flags)
+  with pytest.raises(ValueError, match='Duplicate Param'):
+    nnx.eval_shape(lambda d: d['a'][...], nnx.Dict(a=v, b=v), **flags)
+  assert nnx.eval_shape(lambda a, b: a[...] + b[...], v, v).shape == ()   # graph updates: fine
+
+
+def test_eval_shape_reuses_its_trace_and_takes_abstract_inputs():
+  traces = []
+
+  def forward(m, x):
+    traces.append(1)
+    return m(x)
+
+  model = Tiny(2, 3, rngs=nnx.Rngs(0))
+  spec = jax.ShapeDtypeStruct((5, 2), jnp.float32)
+  for _ in range(3):
+    assert nnx.eval_shape(forward, model, spec).shape == (5, 3)
+  assert len(traces) == 1
+  nnx.eval_shape(forward, model, jax.ShapeDtypeStruct((7, 2), jnp.float32))
+  assert len(traces) == 2
+
+
 # -- checkify -----------------------------------------------------------------
 def checked_step(acc, x):
   checkify_lib.check(jnp.all(x > 0), 'x must be positive')
@@ -181,6 +305,32 @@ def test_checkify_reports_errors_and_propagates_state():
   assert float(acc.total[...]) == 0.0
 
 
+@pytest.mark.parametrize('graph_updates', [True, False])
+def test_checkify_structural_updates_follow_graph_updates(graph_updates):
+  def grow(acc):
+    acc.extra = nnx.BatchStat(acc.total[...] + 1)
+    acc.calls[...] += 1
+    return acc.calls[...]
+
+  acc = Acc()
+  err, out = nnx.checkify(grow, graph_updates=graph_updates)(acc)
+  assert err.get() is None and int(out) == 1 and int(acc.calls[...]) == 1
+  assert hasattr(acc, 'extra') == graph_updates
+
+
+def test_checkify_failure_changes_nothing():
+  acc = Acc()
+
+  def bad(acc):
+    acc.calls[...] += 1
+    acc.extra = nnx.Param(jnp.ones(1))
+    raise RuntimeError('boom')
+
+  with pytest.raises(RuntimeError, match='boom'):
+    nnx.checkify(bad)(acc)
+  assert int(acc.calls[...]) == 0 and not hasattr(acc, 'extra')
+
+
 def test_checkify_other_error_sets():
   err, _ = nnx.checkify(lambda x: x / 0.0, errors=checkify_lib.float_checks)(jnp.ones(2))
   assert 'division by zero' in err.get()
@@ -189,7 +339,7 @@ def test_checkify_other_error_sets():
 # -- make_jaxpr ---------------------------------------------------------------
 def test_make_jaxpr_of_a_module_call():
   model = Tiny(2, 3, rngs=nnx.Rngs(0))
-  jaxpr = nnx.make_jaxpr(lambda m, x: m(x))(model, jnp.ones((1, 2)))
+  jaxpr = nnx.make_jaxpr(lambda m, x: m(x), graph_updates=False)(model, jnp.ones((1, 2)))
   assert isinstance(jaxpr, jax.extend.core.ClosedJaxpr)
   assert [v.aval.shape for v in jaxpr.jaxpr.invars] == [(3,), (2, 3), (), (1, 2)]
   assert [v.aval.shape for v in jaxpr.jaxpr.outvars] == [(1, 3)]
@@ -197,11 +347,33 @@ def test_make_jaxpr_of_a_module_call():
 
 
 def test_make_jaxpr_static_argnums_and_graph_updates():
-  jaxpr = nnx.make_jaxpr(lambda x, n: x ** n, static_argnums=1)(jnp.ones(2), 3)
+  jaxpr = nnx.make_jaxpr(lambda x, n: x ** n, static_argnums=1, graph_updates=False)(
+      jnp.ones(2), 3)
   assert len(jaxpr.jaxpr.invars) == 1
   assert 'integer_pow' in str(jaxpr) and 'y=3' in str(jaxpr)
   with pytest.raises(ValueError, match='graph_updates=True'):
-    nnx.make_jaxpr(lambda x: x, graph_updates=True)
+    nnx.make_jaxpr(lambda x: x)                     # NNX's default has graph updates: refused
+  with pytest.raises(ValueError, match='graph_updates=True'):
+    nnx.make_jaxpr(graph_updates=True)(lambda x: x)
+
+
+def test_make_jaxpr_refuses_aliased_variables():
+  v = nnx.Param(jnp.array(1.0))
+  with pytest.raises(ValueError, match='Duplicate Param'):
+    nnx.make_jaxpr(lambda a, b: a[...] + b[...], graph_updates=False)(v, v)
+  with pytest.raises(ValueError, match='Duplicate Param'):
+    nnx.make_jaxpr(lambda a: a, graph_updates=False)(v)
+
+
+@pytest.mark.parametrize('name', ['eval_shape', 'checkify', 'make_jaxpr'])
+def test_bound_methods_are_refused(name):
+  model = Tiny(2, 3, rngs=nnx.Rngs(0))
+  calls = {'eval_shape': lambda f: nnx.eval_shape(f, jnp.ones((1, 2))),
+           'checkify': lambda f: nnx.checkify(f),
+           'make_jaxpr': lambda f: nnx.make_jaxpr(f, graph_updates=False)}
+  with pytest.raises(ValueError, match='bound methods') as info:
+    calls[name](model.__call__)
+  assert f'nnx.{name}' in str(info.value)
 
 
 # -- cached_partial -----------------------------------------------------------
@@ -223,3 +395,15 @@ def test_cached_partial_matches_direct_calls():
   assert_close(a.kernel[...], b.kernel[...])
   assert int(a.steps[...]) == 6
   assert len(traces) == 1
+
+
+def test_cached_partial_is_graph_mode_only():
+  model = Tiny(2, 3, rngs=nnx.Rngs(0))
+  for flags in (dict(graph=False), dict(graph_updates=False)):
+    with pytest.raises(ValueError, match='graph-mode-only') as info:
+      nnx.cached_partial(lambda m: m, model, **flags)
+    assert 'jit_partial' in str(info.value)
+  with nnx.set_graph_updates(False):
+    with pytest.raises(ValueError, match='graph-mode-only'):
+      nnx.cached_partial(lambda m: m, model)
+    assert nnx.compat.cached_partial(lambda m: m, model)() is not model   # compat: graph updates

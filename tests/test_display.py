@@ -1,7 +1,8 @@
-"""display: reprs with per-kind counts and bytes (as NNX prints them), treescope, tabulate."""
+"""display: reprs with per-kind counts and bytes (as NNX prints them), treescope."""
 import importlib
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import arbax as nnx
@@ -131,7 +132,7 @@ def test_display_prints_the_repr_outside_notebooks(capsys):
 def test_display_uses_treescope_in_notebooks(monkeypatch, capsys):
   import treescope
   shown = []
-  monkeypatch.setattr(display_lib, '_in_notebook', lambda: True)
+  monkeypatch.setattr(display_lib, 'in_notebook', lambda: True)
   monkeypatch.setattr(treescope, 'display', shown.append)
   layer = Layer()
   nnx.display(layer)
@@ -145,7 +146,98 @@ def test_treescope_renders_variables_and_pytrees():
   assert "tag='t'" in treescope.render_to_text(nnx.Param(jnp.ones(2), tag='t'))
 
 
-def test_tabulate_lists_variables():
-  table = nnx.tabulate(Layer())
-  for piece in ('.w', 'Param', '(2, 5)', 'float32', '10 (40 B)', '.c', 'BatchStat', '.items[0]'):
-    assert piece in table, piece
+def test_nnx_visualization_is_this_module_under_nnx_name():
+  import arbax.visualization as visualization  # NNX's module name, importable as well
+  assert visualization is display_lib is nnx.visualization
+  assert nnx.visualization.display is nnx.display
+
+
+# -- NNX's value formatting ------------------------------------------------------
+def test_classes_print_by_name_in_layers_containers_and_metadata():
+  layer = nnx.Linear(2, 3, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  text = repr(layer)
+  assert '  dtype=bfloat16,\n' in text and '  param_dtype=float32,\n' in text
+  assert "dtype=float32\n)" in repr(nnx.Param(jnp.ones(2), dtype=jnp.float32))
+
+  class Config(nnx.Module):
+    def __init__(self):
+      self.cfg = {'dtype': jnp.float32, 'kinds': (nnx.Param, nnx.BatchStat)}
+      self.np_dtype = jnp.dtype('float32')  # a dtype instance keeps its repr
+  text = repr(Config())
+  assert "cfg={'dtype': float32, 'kinds': (Param, BatchStat)}" in text
+  assert "np_dtype=dtype('float32')" in text
+
+
+def test_arrays_in_full_in_nnx_containers_and_abbreviated_in_plain_ones():
+  class Holder(nnx.Module):
+    def __init__(self):
+      self.tracked = nnx.List([nnx.Param(jnp.ones(2))])
+      self.plain = nnx.data([jnp.ones(3), jnp.ones(1)])
+      self.host = np.ones(3)
+  text = repr(Holder())
+  assert '    Param( # 2 (8 B)\n      value=Array([1., 1.], dtype=float32)\n    )' in text
+  assert ("plain=[Array(shape=(3,), dtype=dtype('float32')), Array([1.], dtype=float32)]"
+          in text)
+  assert "host=Array(shape=(3,), dtype=dtype('float64'))" in text
+
+
+def test_private_attributes_are_shown_only_when_they_are_data():
+  class Private(nnx.Module):
+    def __init__(self):
+      self._w = nnx.Param(jnp.ones(1))
+      self._cache_key = 'hidden'
+  text = repr(Private())
+  assert '_w=Param(' in text and '_cache_key' not in text
+
+
+def test_a_variable_holding_a_dict_prints_it_inline():
+  assert repr(nnx.Intermediate({'a': jnp.ones(2), 'b': (1, int)})) == (
+      "Intermediate( # 2 (8 B)\n  value={'a': Array([1., 1.], dtype=float32), 'b': (1, int)}\n)")
+
+
+def test_rng_keys_and_counts_are_counted_together_as_rng_state():
+  text = repr(nnx.Dropout(0.5, rngs=nnx.Rngs(0)))
+  assert text.splitlines()[0] == 'Dropout( # RngState: 2 (12 B)'
+
+
+def test_switches_at_their_default_are_hidden():
+  assert 'hijax' not in repr(nnx.Param(jnp.ones(1)))
+  assert 'ref' not in repr(nnx.Param(jnp.ones(1)))
+  assert repr(nnx.Param(jnp.ones(1), hijax=True)).endswith('  hijax=True\n)')
+
+
+def test_a_shared_subtree_is_counted_once_in_every_header():
+  class Inner(nnx.Module):
+    def __init__(self):
+      self.w = nnx.Param(jnp.ones(3))
+
+  class Outer(nnx.Module):
+    def __init__(self):
+      self.x = Inner()
+      self.y = self.x
+  lines = repr(Outer()).splitlines()
+  assert lines[0] == 'Outer( # Param: 3 (12 B)' and lines[1] == '  x=Inner( # Param: 3 (12 B)'
+
+
+# -- the hook the lower layers call -----------------------------------------------
+def test_display_installs_its_renderers_in_reprhook():
+  from arbax import reprhook
+  layer = Layer()
+  assert reprhook.render(layer) == display_lib.object_repr(layer) == LAYER_REPR
+  treescope = pytest.importorskip('treescope')
+
+  class Private(nnx.Module):
+    def __init__(self):
+      self._w = nnx.Param(jnp.ones(1))
+      self._cache_key = 'hidden'
+  text = treescope.render_to_text(Private())  # the same attributes as the repr
+  assert text.startswith('Private(') and '_w=Param(' in text and '_cache_key' not in text
+
+
+def test_reprhook_forwards_to_what_is_installed(monkeypatch):
+  from arbax import reprhook
+  monkeypatch.setattr(reprhook, '_renderers', [lambda obj: 'R', lambda obj, p, r: 'T'])
+  assert reprhook.render(object()) == 'R'
+  assert reprhook.render_treescope(object(), None, None) == 'T'
+  reprhook.install(lambda obj: 'S', lambda obj, p, r: 'U')
+  assert reprhook.render(1) == 'S' and reprhook.render_treescope(1, None, None) == 'U'

@@ -95,21 +95,42 @@ def test_update_under_jax_jit_with_state_and_update():
   np.testing.assert_allclose(model.w[...], [1.0, 2.0])  # jax.jit is pure: model not updated
 
 
-def test_graph_mode_shared_variable():
-  class Tied(nnx.Module):
-    def __init__(self):
-      self.a = nnx.Param(jnp.array(2.0))
-      self.b = self.a
+class Tied(nnx.Module):
+  def __init__(self):
+    self.a = nnx.Param(jnp.array(2.0))
+    self.b = self.a
 
+
+def test_graph_mode_default_averages_a_shared_variable_once():
   model = Tied()
-  with pytest.raises(ValueError, match=r'\.a.*\.b|\.b.*\.a'):
-    nnx.EMA(model, 0.5)
-  ema = nnx.EMA(model, 0.5, graph=True)
-  assert set(ema.params) == {'a'}
+  ema = nnx.EMA(model, 0.5)
+  assert ema.graph is None and set(ema.params) == {'a'}
   model.a[...] = 4.0
   ema.update(model)
   averaged = ema.apply_to(model)
   assert averaged.a is averaged.b and float(averaged.a[...]) == 3.0
+
+
+@pytest.mark.parametrize('tree_mode', ['argument', 'context'])
+def test_tree_mode_refuses_a_shared_variable(tree_mode):
+  with pytest.raises(ValueError, match=r'\.a.*\.b|\.b.*\.a'):
+    if tree_mode == 'argument':
+      nnx.EMA(Tied(), 0.5, graph=False)
+    else:
+      with nnx.set_graph_mode(False):
+        nnx.EMA(Tied(), 0.5)
+
+
+def test_graph_none_follows_the_mode_at_each_call():
+  model = Tied()
+  ema = nnx.EMA(model, 0.5)                 # built in graph mode
+  with nnx.set_graph_mode(False):           # updated in tree mode: the alias is refused
+    with pytest.raises(ValueError, match=r'\.a.*\.b|\.b.*\.a'):
+      ema.update(model)
+  pinned = nnx.EMA(model, 0.5, graph=True)  # an explicit graph=True ignores the context
+  with nnx.set_graph_mode(False):
+    pinned.update(model)
+  assert float(pinned.params['a'][...]) == 2.0
 
 
 def test_integer_variables_keep_their_dtype():

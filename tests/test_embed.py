@@ -4,6 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jax.sharding import AxisType, PartitionSpec as P, reshard
+
 import arbax as nnx
 from tests.layer_transforms import check_ensemble, check_scan_broadcast
 
@@ -33,6 +35,14 @@ def test_out_of_range_ids_give_nan_rows():
   embed = nnx.Embed(5, 3, rngs=nnx.Rngs(0))
   y = embed(jnp.array([1, 5]))
   assert not np.isnan(y[0]).any() and np.isnan(y[1]).all()
+
+
+def test_a_single_embedding_is_broadcast_to_every_id():
+  # With one row there is nothing to index: every id, in range or not, gets that row.
+  embed = nnx.Embed(1, 3, rngs=nnx.Rngs(0))
+  y = embed(jnp.array([[0, 5], [-1, 0]], jnp.int16))
+  assert y.shape == (2, 2, 3)
+  np.testing.assert_array_equal(y, np.broadcast_to(np.asarray(embed.embedding[0]), (2, 2, 3)))
 
 
 def test_float_ids_are_rejected():
@@ -95,3 +105,28 @@ def test_embed_ensemble_under_vmap_and_broadcast_under_scan():
   assert layers.embedding.shape == (2, 5, 3)
   # the output (ids -> vectors) has another shape than the input: scan over the ids instead
   check_scan_broadcast(nnx.Embed(5, 3, rngs=nnx.Rngs(0)), jnp.array([[0, 1], [4, 2], [3, 3]]))
+
+
+# -- explicit sharding ----------------------------------------------------------------
+def explicit_mesh():
+  # One device is enough: under Explicit axes the sharding is part of each array's type.
+  return jax.make_mesh((1, 1), ('X', 'Y'), axis_types=(AxisType.Explicit, AxisType.Explicit))
+
+
+def test_out_sharding_resolves_a_lookup_with_differently_sharded_ids_and_table():
+  with jax.set_mesh(explicit_mesh()):
+    embed = nnx.Embed(8, 4, rngs=nnx.Rngs(0))
+    embed.embedding[...] = reshard(embed.embedding[...], P('X'))
+    ids = reshard(jnp.array([3, 0, 7, 3]), P('Y'))
+    # The gather cannot tell where its rows should live (jax's ShardingTypeError, not public).
+    with pytest.raises(Exception, match='out_sharding') as error:
+      embed(ids)
+    assert type(error.value).__name__ == 'ShardingTypeError'
+    y = embed(ids, out_sharding=P('X'))
+    assert str(jax.typeof(y)) == 'float32[4@X,4]'
+    y_jit = nnx.jit(lambda m, i: m(i, out_sharding=P('X')))(embed, ids)
+    assert str(jax.typeof(y_jit)) == 'float32[4@X,4]'
+    table = np.asarray(embed.embedding[...])
+  np.testing.assert_array_equal(y, table[[3, 0, 7, 3]])
+  np.testing.assert_array_equal(y_jit, y)
+

@@ -101,7 +101,7 @@ def test_unflatten_calls_the_after_unflatten_hook():
 def test_tree_mode_alias_error_names_both_paths_and_the_context():
   p = nnx.Param(1.0)
   with pytest.raises(ValueError) as e:
-    graph.flatten(Holder(p, p), context='tree-mode jit')
+    graph.flatten(Holder(p, p), graph=False, context='tree-mode jit')
   msg = str(e.value)
   assert '.items[1]' in msg and '.items[0]' in msg and 'tree-mode jit' in msg
 
@@ -139,7 +139,7 @@ def test_flatten_cached_reuses_until_the_structure_changes():
   assert fl2 is not fl1 and fl2.leaves[0] is m.items[0].w
   m.items[1].w.set_metadata(tag='t')
   assert graph.flatten_cached(m)[0].graphdef.root != fl2.graphdef.root
-  assert graph.flatten_cached(m, graph=True)[0] is not graph.flatten_cached(m)[0]
+  assert graph.flatten_cached(m, graph=True)[0] is not graph.flatten_cached(m, graph=False)[0]
 
 
 def test_flatten_cached_sees_list_mutations():
@@ -152,11 +152,12 @@ def test_flatten_cached_sees_list_mutations():
   assert len(nnx.state(m)['layers']) == 1
 
 
-def test_plain_mutable_containers_are_never_cached():
+def test_plain_mutable_containers_are_cached_and_watched():
   m = Holder()
   m.xs = nnx.data([nnx.Param(1.0)])  # an untracked plain list
-  assert type(m.xs) is list and graph.flatten_cached(m)[1] is None
-  m.xs.append(nnx.Param(2.0))
+  fl, entry = graph.flatten_cached(m)
+  assert type(m.xs) is list and entry is not None and graph.flatten_cached(m)[0] is fl
+  m.xs.append(nnx.Param(2.0))  # in place: no epoch bump, the watch sees it
   assert set(nnx.state(m)['xs']) == {0, 1}
 
 
@@ -201,3 +202,110 @@ def test_graphdef_passes_through_jax_jit_as_static_structure():
     return box.w[...] * 2
 
   np.testing.assert_allclose(double((graphdef, state)), [0.0, 2.0, 4.0])
+
+
+def test_graphdef_records_its_mode_and_context_annotations_in_equality_and_pickle():
+  tree_def = graph.flatten(Block(), graph=False).graphdef
+  graph_def = graph.flatten(Block(), graph=True).graphdef
+  assert tree_def.graph is False and graph_def.graph is True and tree_def != graph_def
+  annotated = graph_def.with_outer(((0, 5),))
+  assert annotated != graph_def and annotated.root is graph_def.root
+  assert graph_def.with_outer(None) is graph_def
+  restored = pickle.loads(pickle.dumps(annotated))
+  assert restored == annotated and restored.outer == ((0, 5),) and restored.num_leaves == 1
+
+
+def test_build_into_updates_reused_objects_in_place_and_creates_the_rest():
+  old = Block(1.0)
+  old_w = old.w
+  new = Holder(Block(7.0), Block(8.0))
+  fl = graph.flatten(new, graph=True)
+  # nodes: Holder 0, Block 1, Param 2, Block 3, Param 4; reuse `old` for the first Block
+  out = fl.graphdef.build_into([jnp.full(2, 7.0), jnp.full(2, 8.0)], [], {1: old, 2: old_w})
+  assert out.items[0] is old and old.w is old_w and old_w[...].tolist() == [7.0, 7.0]
+  assert out.items[1] is not new.items[1] and out.items[1].w[...].tolist() == [8.0, 8.0]
+  with pytest.raises(ValueError, match='Expected a node of type Block'):
+    fl.graphdef.build_into([jnp.ones(2), jnp.ones(2)], [], {1: Holder()})
+
+
+# -- what flattening sees: writes behind setattr, containers changed in place, deep chains --
+def test_flatten_follows_writes_that_bypass_setattr():
+  b = Block()
+  fl = graph.flatten(b)
+  object.__setattr__(b, 'n', 4)          # a static value: the GraphDef changes
+  b.__dict__['extra'] = nnx.Param(2.0)   # a new attribute: classified as setattr would
+  again = graph.flatten(b)
+  assert again.graphdef != fl.graphdef and again.paths == [('extra',), ('w',)]
+  assert graph.unflatten(again.graphdef, again.leaves).n == 4
+  vars(b).pop('extra')
+  assert graph.flatten(b).paths == [('w',)]
+
+
+def test_a_static_list_changed_in_place_changes_the_graphdef():
+  b = Block()
+  b.sizes = [1, 2]
+  before = graph.flatten(b).graphdef
+  b.sizes.append(3)
+  after = graph.flatten(b).graphdef
+  assert after != before  # so jax.jit retraces instead of reusing a program built for [1, 2]
+  rebuilt = graph.unflatten(after, [b.w])
+  assert rebuilt.sizes == [1, 2, 3] and rebuilt.sizes is not b.sizes
+
+
+def test_flatten_cached_sees_in_place_changes_of_containers_it_walked_into():
+  import collections
+  m = Holder(nnx.State({'a': nnx.Param(1.0)}), {0: nnx.Param(2.0)},
+             collections.OrderedDict(a=nnx.Param(3.0)), (nnx.Param(4.0), []))
+  fl, entry = graph.flatten_cached(m)
+  assert entry is not None and graph.flatten_cached(m)[0] is fl
+  edits = [lambda: m.items[0].__setitem__('b', nnx.Param(5.0)),
+           lambda: m.items[1].__setitem__(1, nnx.Param(6.0)),
+           lambda: m.items[2].move_to_end('a', last=False) or m.items[2].__setitem__('b', 1),
+           lambda: m.items[3][1].append(nnx.Param(7.0))]
+  for edit in edits:
+    before = graph.flatten_cached(m)[0]
+    edit()
+    after = graph.flatten_cached(m)[0]
+    assert after is not before and after.paths == graph.flatten(m).paths
+
+
+def test_the_cache_keeps_no_entry_that_would_keep_a_cycle_alive():
+  import gc
+  import weakref
+  parent = Block()
+  parent.child = Block()
+  parent.child.parent = parent  # a reference cycle through the child's attributes
+  assert graph.flatten_cached(parent, graph=True)[1] is None
+  ref = weakref.ref(parent)
+  del parent
+  gc.collect()
+  assert ref() is None
+
+
+def test_flatten_of_a_very_deep_chain_raises_a_clear_error():
+  node = Block()
+  for _ in range(1000):
+    outer = Block()
+    outer.inner = node
+    node = outer
+  with pytest.raises(RecursionError, match=r'tree-mode split: the object is nested too deeply.*'
+                                           r'nnx\.List.*sys\.setrecursionlimit'):
+    graph.flatten(node)
+
+
+def test_watch_compares_every_kind_of_container_with_its_copy():
+  from arbax import _structure
+  d, lst, static = {'a': 1}, [1], [[1]]
+  box = Opt(jnp.ones(1), 0)  # a NamedTuple: compared one level deep, like any pytree node
+  w = _structure.Watch([d, lst, (static, _structure.snapshot(static)), box, d])
+  assert len(w) == 4 and w.unchanged()
+  for change, undo in [(lambda: d.update(a=2), lambda: d.update(a=1)),
+                       (lambda: lst.append(2), lambda: lst.pop()),
+                       (lambda: static[0].append(2), lambda: static[0].pop())]:
+    change()
+    assert not w.unchanged()
+    undo()
+    assert w.unchanged()
+  d['a'] = 2
+  w.refresh()
+  assert w.unchanged()

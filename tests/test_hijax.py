@@ -7,6 +7,7 @@ import pytest
 
 import arbax as nnx
 from arbax.hijax import HijaxGradError
+from arbax.errors import ImmutableVariableError
 
 
 def hv(value, kind=nnx.Variable):
@@ -141,14 +142,14 @@ def test_rngs_advance_under_plain_jit():
 
 
 # -- autodiff ------------------------------------------------------------------
-def test_grad_through_hijax_variable_points_to_vars_as():
+def test_grad_through_a_mutable_hijax_variable_points_to_with_vars():
   p = hv([1.0, 2.0], nnx.Param)
-  with pytest.raises(NotImplementedError, match='vars_as') as info:
+  with pytest.raises(NotImplementedError, match=r'with_vars\(params, mutable=False\)') as info:
     jax.grad(lambda p: jnp.sum(p[...] ** 2))(p)
   assert isinstance(info.value, HijaxGradError)
 
 
-def test_vars_as_converts_for_grad_and_keeps_closure_updates():
+def test_immutable_copy_is_differentiated_and_closure_updates_still_land():
   p = hv([1.0, 2.0], nnx.Param)
   count = hv(0.0, nnx.BatchStat)
 
@@ -156,13 +157,41 @@ def test_vars_as_converts_for_grad_and_keeps_closure_updates():
     count[...] += 1  # hijax state read and written inside grad
     return jnp.sum(p[...] ** 2)
 
-  plain = nnx.vars_as(p, hijax=False)
-  assert isinstance(plain, nnx.Param) and not plain.hijax
-  g = jax.jit(jax.grad(loss))(plain)
+  frozen = nnx.with_vars(p, mutable=False)
+  assert isinstance(frozen, nnx.Param) and frozen.hijax and frozen.mutable is False
+  g = jax.jit(jax.grad(loss))(frozen)
   np.testing.assert_allclose(g[...], [2.0, 4.0])
   assert float(count[...]) == 1.0
-  back = nnx.with_vars(plain, hijax=True)
-  assert back.hijax and float(back[...][0]) == 1.0
+  back = nnx.with_vars(frozen, mutable=True)
+  back[...] += 1
+  np.testing.assert_allclose(back[...], [2.0, 3.0])
+  np.testing.assert_allclose(p[...], [1.0, 2.0])  # conversions copy: the original is untouched
+
+
+def test_with_vars_hijax_false_gives_plain_variables():
+  p = hv([1.0, 2.0], nnx.Param)
+  plain = nnx.with_vars(p, hijax=False)
+  assert isinstance(plain, nnx.Param) and not plain.hijax
+  g = jax.grad(lambda p: jnp.sum(p[...] ** 2))(plain)
+  np.testing.assert_allclose(g[...], [2.0, 4.0])
+
+
+# -- with_vars on structures ---------------------------------------------------------
+class Pair(nnx.Module):
+  def __init__(self):
+    self.w = nnx.Param(jnp.ones(2))
+    self.n = nnx.BatchStat(jnp.array(0.0))
+
+
+def test_with_vars_converts_only_what_differs_and_what_only_selects():
+  m = nnx.with_vars(Pair(), hijax=True, ref=True)
+  assert (m.w.hijax, m.w.ref, m.n.hijax, m.n.ref) == (True, True, True, True)
+  m2 = nnx.with_vars(m, hijax=False, only=nnx.BatchStat)
+  assert m2 is not m and m2.w is m.w  # untouched Variables are the same objects
+  assert (m2.n.hijax, m2.n.ref) == (False, True)
+  assert isinstance(m2.n.get_raw_value(), jax.Ref)
+  m3 = nnx.with_vars(m2, hijax=True)
+  assert m3.w is m.w and m3.n.hijax
 
 
 def test_with_vars_on_a_state_filters_with_only():
@@ -172,6 +201,28 @@ def test_with_vars_on_a_state_filters_with_only():
   plain = nnx.with_vars(state, hijax=False, only=lambda path, v: path[-1] == 'bias')
   assert not plain['bias'].hijax and plain['kernel'].hijax
   assert plain['kernel'] is state['kernel']
+
+
+def test_with_vars_refuses_to_split_a_shared_variable():
+  m = Pair()
+  m.alias = m.w
+  with pytest.raises(ValueError, match=r'Found duplicate at paths \.alias and \.w.*allow_duplicates'):
+    nnx.with_vars(m, hijax=True)
+  out = nnx.with_vars(m, hijax=True, allow_duplicates=True)
+  assert out.w.hijax and out.alias.hijax
+  assert nnx.with_vars(m, hijax=True, only=nnx.BatchStat).n.hijax  # the shared one is not converted
+
+
+def test_vars_as_is_the_deprecated_name():
+  with pytest.warns(DeprecationWarning, match='with_vars'):
+    v = nnx.vars_as(nnx.Variable(jnp.ones(1)), hijax=True)
+  assert v.hijax
+
+
+def test_writes_to_an_immutable_copy_are_refused():
+  frozen = nnx.with_vars(hv(1.0), mutable=False)
+  with pytest.raises(ImmutableVariableError, match='immutable'):
+    frozen[...] = 2.0
 
 
 # -- the State API keeps the flag ------------------------------------------------
@@ -193,6 +244,73 @@ def test_split_merge_state_update_clone_keep_hijax():
   np.testing.assert_allclose(doubled['bias'][...], np.full(3, 4.0))
 
 
+# -- hijax Variables created inside a transform --------------------------------
+def counter_and_params(x):
+  """Creates hijax Variables from constants and from ``x``, updates them, returns their values."""
+  with nnx.var_defaults(hijax=True):
+    count = nnx.Variable(jnp.array(0, jnp.uint32))
+  scale = nnx.Param(jnp.array(1.0), hijax=True)
+  shifted = nnx.Param(x, hijax=True)
+  count[...] += 1
+  scale[...] = scale[...] * 2 + x  # made from a constant, written with a traced value
+  shifted[...] += 1
+  return count[...], scale[...], shifted[...]
+
+
+@pytest.mark.parametrize('jit', [jax.jit, nnx.jit], ids=['jax.jit', 'nnx.jit'])
+def test_variables_created_inside_jit_from_constants_and_traced_values(jit):
+  count, scale, shifted = jit(counter_and_params)(jnp.array(3.0))
+  assert int(count) == 1 and count.dtype == jnp.uint32
+  assert float(scale) == 5.0 and float(shifted) == 4.0
+
+
+@pytest.mark.parametrize('vmap', [
+    jax.vmap, nnx.vmap, lambda f: jax.jit(jax.vmap(f)), lambda f: nnx.jit(nnx.vmap(f))],
+    ids=['jax.vmap', 'nnx.vmap', 'jax.jit(jax.vmap)', 'nnx.jit(nnx.vmap)'])
+def test_variables_created_inside_vmap_are_per_example(vmap):
+  count, scale, shifted = vmap(counter_and_params)(jnp.arange(3.0))
+  np.testing.assert_array_equal(count, [1, 1, 1])
+  np.testing.assert_allclose(scale, [2.0, 3.0, 4.0])
+  np.testing.assert_allclose(shifted, [1.0, 2.0, 3.0])
+
+
+def test_nnx_transforms_return_hijax_variables_built_inside():
+  def make(x):
+    v = nnx.Param(jnp.array(1.0), hijax=True)
+    v[...] += x
+    return v
+
+  v = nnx.jit(make)(2.0)
+  assert v.hijax and float(v[...]) == 3.0
+  v[...] += 1  # an ordinary hijax Variable from now on
+  assert float(v[...]) == 4.0
+  stacked = nnx.vmap(make)(jnp.arange(3.0))
+  assert stacked.hijax
+  np.testing.assert_allclose(stacked[...], [1.0, 2.0, 3.0])
+
+
+def test_nnx_jit_builds_a_hijax_module_that_plain_jit_updates():
+  @nnx.jit
+  def make(key):
+    with nnx.var_defaults(hijax=True):
+      return nnx.Linear(2, 3, rngs=nnx.Rngs(key))
+
+  model = make(jax.random.key(0))
+  assert model.kernel.hijax and model.bias.hijax and model.kernel.shape == (2, 3)
+
+  @jax.jit
+  def shift(model):
+    model.bias[...] += 1
+
+  shift(model)
+  np.testing.assert_allclose(model.bias[...], np.ones(3))
+
+
+def test_plain_jit_cannot_return_a_hijax_variable_and_says_what_can():
+  with pytest.raises(ValueError, match=r'cannot be returned from jax\.jit.*nnx\.jit'):
+    jax.jit(lambda x: nnx.Param(x, hijax=True))(1.0)
+
+
 # -- NNX transforms ------------------------------------------------------------
 def test_nnx_jit_with_hijax_argument_and_closure():
   v = hv([1.0, 1.0], nnx.Param)
@@ -209,6 +327,45 @@ def test_nnx_jit_with_hijax_argument_and_closure():
   assert float(w[...]) == 3.0
 
 
+def test_nnx_vmap_maps_hijax_variables_and_builds_them_inside():
+  counts = nnx.BatchStat(jnp.zeros(3), hijax=True)
+
+  @nnx.vmap(in_axes=(0, 0))
+  def bump(c, x):
+    c[...] += x
+
+  bump(counts, jnp.array([1.0, 2.0, 3.0]))
+  np.testing.assert_allclose(counts[...], [1.0, 2.0, 3.0])
+
+  @nnx.vmap(in_axes=0, out_axes=0)
+  def make(key):
+    with nnx.var_defaults(hijax=True):
+      return nnx.Linear(2, 2, rngs=nnx.Rngs(key))
+
+  stack = make(jax.random.split(jax.random.key(1), 3))
+  assert stack.kernel.hijax and stack.kernel.shape == (3, 2, 2)
+
+
+def test_nnx_scan_and_fori_loop_carry_hijax_variables():
+  v = hv(1.0)
+
+  @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+  def acc(v, x):
+    v[...] += x
+    return v, v[...]
+
+  out, seen = acc(v, jnp.arange(4.0))
+  assert float(v[...]) == 7.0 and float(out[...]) == 7.0 and out.hijax
+  np.testing.assert_allclose(seen, [1.0, 2.0, 4.0, 7.0])
+
+  def double(i, v):
+    v[...] *= 2
+    return v
+
+  out = nnx.fori_loop(0, 3, double, v)
+  assert float(v[...]) == 56.0 and float(out[...]) == 56.0
+
+
 # -- ref=True ------------------------------------------------------------------
 def test_ref_variables_are_backed_by_jax_refs():
   r = nnx.Param(jnp.zeros(2), ref=True)
@@ -216,7 +373,7 @@ def test_ref_variables_are_backed_by_jax_refs():
   jax.jit(lambda r: r.__setitem__(..., r[...] + 1))(r)
   jax.jit(lambda: r.__setitem__(..., r[...] * 3))()
   np.testing.assert_allclose(r[...], [3.0, 3.0])
-  with pytest.raises(TypeError, match='arrays'):
+  with pytest.raises(TypeError, match='hijax=True'):
     nnx.Variable({'a': 1}, ref=True)
 
 
@@ -246,7 +403,7 @@ def test_training_loop_plain_jit_matches_nnx_jit():
   def hstep(model, optimizer):
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     grads = jax.grad(lambda p: loss(nnx.merge(graphdef, p, rest)))(
-        nnx.vars_as(params, hijax=False))
+        nnx.with_vars(params, mutable=False))
     optimizer.update(model, grads)
 
   @nnx.jit

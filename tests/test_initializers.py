@@ -1,4 +1,6 @@
 """nnx.initializers: the jax.nn.initializers family plus NNX's zeros_init / ones_init."""
+import typing as tp
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +15,7 @@ KEY = jax.random.key(0)
     'constant', 'delta_orthogonal', 'glorot_normal', 'glorot_uniform', 'he_normal', 'he_uniform',
     'kaiming_normal', 'kaiming_uniform', 'lecun_normal', 'lecun_uniform', 'normal', 'ones',
     'orthogonal', 'truncated_normal', 'uniform', 'variance_scaling', 'xavier_normal',
-    'xavier_uniform', 'zeros', 'Initializer'])
+    'xavier_uniform', 'zeros'])
 def test_the_jax_family_is_available_under_its_names(name):
   assert getattr(nnx.initializers, name) is getattr(jax.nn.initializers, name)
 
@@ -43,3 +45,18 @@ def test_rngs_stream_keys_work_as_initializer_keys():
   rngs = nnx.Rngs(params=0)
   w = nnx.initializers.he_normal()(rngs.params(), (4, 8), jnp.float16)
   assert w.shape == (4, 8) and w.dtype == jnp.float16
+
+
+def test_initializer_type_alias_accepts_jax_protocol_and_plain_callables():
+  # nnx.Initializer is the annotation for kernel_init= style arguments, reachable from both places.
+  assert nnx.Initializer is nnx.initializers.Initializer
+  members = tp.get_args(nnx.Initializer)
+  assert jax.nn.initializers.Initializer in members
+  assert tp.get_origin(members[1]) is tp.get_origin(tp.Callable[..., tp.Any])
+
+  def my_init(key, shape, dtype=jnp.float32) -> jax.Array:
+    return jnp.full(shape, 0.5, dtype)
+
+  init: nnx.Initializer = my_init
+  layer = nnx.Linear(2, 3, kernel_init=init, rngs=nnx.Rngs(0))
+  np.testing.assert_array_equal(layer.kernel[...], np.full((2, 3), 0.5, np.float32))

@@ -55,10 +55,12 @@ def test_variables_keep_their_identity():
   assert int(count[...]) == 1
 
 
-def test_decorator_with_arguments_and_bound_methods():
+def test_decorating_methods_works_and_bound_methods_are_refused():
   model = make()
-  fwd = nnx.jit(model.__call__)
-  fwd(jnp.ones((1, 2)))
+  with pytest.raises(ValueError, match=r'bound methods.*nnx\.jit\(Linear\.__call__\)'):
+    nnx.jit(model.__call__)
+  fwd = nnx.jit(Linear.__call__)
+  fwd(model, jnp.ones((1, 2)))
   assert int(model.count[...]) == 1
 
   class Wrapper(nnx.Module):
@@ -102,7 +104,7 @@ def test_variable_argument_and_output():
 def test_containers_of_objects_and_keyword_arguments():
   a, b, c = make(), make(), make()
 
-  @nnx.jit
+  @nnx.jit(graph=False)
   def both(models, x, *, extra):
     return models[0](x) + models[1](x) + extra(x)
 
@@ -124,11 +126,11 @@ def test_tree_mode_alias_error_names_both_paths_and_changes_nothing():
 
   model = Foo(p, p)
 
-  @nnx.jit
+  @nnx.jit(graph=False)
   def forward(model):
     model.a[...] += 1.0
 
-  with pytest.raises(ValueError, match=r'\[0\]\[0\]\.b.*\[0\]\[0\]\.a'):
+  with pytest.raises(ValueError, match=r'\[0\]\[0\]\.b.*\[0\]\[0\]\.a[\s\S]*Duplicate Param'):
     forward(model)
   assert float(p[...]) == 1.0
 
@@ -345,11 +347,15 @@ def test_graph_mode_returns_the_callers_own_objects():
   assert same is model and int(model.count[...]) == 2
 
 
-def test_tree_mode_returns_new_objects():
+def test_returning_an_input_without_graph_updates_is_refused_naming_both_paths():
   model = make()
-  out = nnx.jit(lambda m: m)(model)
-  assert out is not model and type(out) is Linear
-  np.testing.assert_array_equal(out.w[...], model.w[...])
+  for flags in (dict(graph=False), dict(graph=True, graph_updates=False)):
+    with pytest.raises(ValueError, match=r'Duplicate \w+ found at paths[\s\S]*\.args\[0\]\.\w+[\s\S]*\.out\.\w+'):
+      nnx.jit(lambda m: m, **flags)(model)
+  assert nnx.jit(lambda m: m)(model) is model  # graph updates (the default): the caller's object
+  fresh = nnx.jit(lambda m: nnx.clone(m), graph=False)(model)
+  assert fresh is not model and type(fresh) is Linear
+  np.testing.assert_array_equal(fresh.w[...], model.w[...])
 
 
 def test_graph_mode_output_with_its_own_shared_variable():

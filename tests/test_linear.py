@@ -180,6 +180,75 @@ def test_linear_general_gradients_and_jit():
   np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(layer, X), layer(X), rtol=1e-6)
 
 
+def test_linear_general_batched_kernel_is_one_flat_matrix_of_all_input_axes():
+  # The initializer sees (batch * fan_in, fan_out): an orthogonal init gives orthonormal
+  # columns across the batch items together, not one orthogonal matrix per item.
+  shapes = []
+
+  def recording_bias_init(key, shape, dtype):
+    shapes.append(shape)
+    return jnp.arange(np.prod(shape), dtype=dtype)
+
+  layer = nnx.LinearGeneral((3, 2), 4, axis=(1, 2), batch_axis={0: 2},
+                            kernel_init=nnx.initializers.orthogonal(),
+                            bias_init=recording_bias_init, rngs=nnx.Rngs(0))
+  assert layer.kernel.shape == (2, 3, 2, 4) and layer.bias.shape == (2, 4)
+  flat = np.asarray(layer.kernel[...]).reshape(12, 4)
+  np.testing.assert_allclose(flat.T @ flat, np.eye(4), atol=1e-5)
+  assert shapes == [(8,)]
+  np.testing.assert_array_equal(layer.bias[...], np.arange(8.0).reshape(2, 4))
+
+
+def test_linear_general_keeps_the_metadata_of_a_partitioned_initializer():
+  with nnx.use_eager_sharding(False):
+    layer = nnx.LinearGeneral(
+        (2, 3), 4, axis=(-2, -1),
+        kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), (None, None, 'model')),
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ('model',)),
+        rngs=nnx.Rngs(0))
+  assert type(layer.kernel) is nnx.Param and layer.kernel.shape == (2, 3, 4)
+  assert layer.kernel.out_sharding == (None, None, 'model')
+  assert layer.bias.out_sharding == ('model',)
+
+
+def test_linear_general_dot_general_cls_is_preferred_over_dot_general():
+  calls = []
+
+  class Recording:
+    def __call__(self, *args, **kwargs):
+      calls.append('cls')
+      return jax.lax.dot_general(*args, **kwargs)
+
+  def plain(*args, **kwargs):
+    calls.append('fn')
+    return jax.lax.dot_general(*args, **kwargs)
+
+  layer = nnx.LinearGeneral(3, 4, dot_general=plain, dot_general_cls=Recording,
+                            rngs=nnx.Rngs(0))
+  layer(X)
+  assert calls == ['cls']
+
+
+@pytest.mark.parametrize('make', [
+    lambda dg, **kw: nnx.Linear(3, 4, dot_general=dg, rngs=nnx.Rngs(0), **kw),
+    lambda dg, **kw: nnx.LinearGeneral(3, 4, dot_general=dg, rngs=nnx.Rngs(0), **kw),
+])
+def test_custom_dot_general_gets_optional_keywords_only_when_set(make):
+  # A hand-written contraction need not know about out_sharding or preferred_element_type.
+  def minimal(lhs, rhs, dimension_numbers, precision=None):
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision)
+
+  assert make(minimal)(X).shape == (2, 5, 4)
+  seen = {}
+
+  def recording(lhs, rhs, dimension_numbers, precision=None, **kwargs):
+    seen.update(kwargs)
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision, **kwargs)
+
+  y = make(recording, dtype=jnp.bfloat16, preferred_element_type=jnp.float32)(X)
+  assert seen == {'preferred_element_type': jnp.float32} and y.dtype == jnp.float32
+
+
 # -- Einsum ---------------------------------------------------------------------
 def test_einsum_matches_jnp_einsum_with_bias_on_kernel_axes():
   layer = nnx.Einsum('bti,ihd->bhtd', (3, 4, 2), (4, 2), bias_init=NORMAL, rngs=nnx.Rngs(0))
@@ -213,6 +282,44 @@ def test_einsum_gradients_and_jit():
   np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(layer, X), layer(X), rtol=1e-6)
 
 
+def test_einsum_bias_follows_kernel_axes_spelled_by_an_ellipsis():
+  # '...' stands for the same axes in both operands; the bias lies over the output axes that
+  # come from the kernel, here the two hidden by the kernel's '...' and 'c'.
+  x = jax.random.normal(jax.random.key(2), (8, 6, 7, 3, 4))
+  layer = nnx.Einsum('d...ab,bc...->ad...c', (4, 5, 6, 7), (6, 7, 5), bias_init=NORMAL,
+                     rngs=nnx.Rngs(0))
+  y = layer(x)
+  assert y.shape == (3, 8, 6, 7, 5)
+  # The (6, 7, 5) bias lies over output axes 2, 3 and 4.
+  expected = jnp.einsum('d...ab,bc...->ad...c', x, layer.kernel[...]) + layer.bias[...]
+  np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_einsum_shorter_input_ellipsis_lines_up_with_the_kernel_ones_on_the_right():
+  x = jax.random.normal(jax.random.key(2), (2, 3, 4))
+  layer = nnx.Einsum('...i,i...->...', (4, 5, 2, 3), (5, 2, 3), bias_init=NORMAL,
+                     rngs=nnx.Rngs(0))
+  y = layer(x)
+  assert y.shape == (5, 2, 3)
+  np.testing.assert_allclose(y, jnp.einsum('...i,i...->...', x, layer.kernel[...])
+                             + layer.bias[...], rtol=1e-5, atol=1e-5)
+
+
+def test_einsum_bias_shape_may_be_an_int():
+  layer = nnx.Einsum('ik,kj->ij', (5, 4), 4, bias_init=NORMAL, rngs=nnx.Rngs(0))
+  assert layer.bias.shape == (4,) and layer.bias_shape == 4
+  x = jnp.ones((2, 5))
+  np.testing.assert_allclose(layer(x), x @ layer.kernel[...] + layer.bias[...], rtol=1e-6)
+
+
+def test_einsum_op_gets_preferred_element_type_only_when_set():
+  def minimal(equation, a, b, precision=None):
+    return jnp.einsum(equation, a, b, precision=precision)
+
+  layer = nnx.Einsum('bti,id->btd', (3, 2), (2,), einsum_op=minimal, rngs=nnx.Rngs(0))
+  assert layer(X).shape == (2, 5, 2)
+
+
 # -- PReLU ----------------------------------------------------------------------
 def test_prelu_scales_negative_inputs_by_a_learned_slope():
   layer = nnx.PReLU(0.25)
@@ -233,6 +340,15 @@ def test_prelu_slope_gradient_is_the_sum_of_negative_inputs():
 def test_prelu_dtype():
   assert nnx.PReLU(dtype=jnp.bfloat16)(jnp.ones(2)).dtype == jnp.bfloat16
   assert nnx.PReLU(param_dtype=jnp.float16).negative_slope.dtype == jnp.float16
+
+
+def test_prelu_without_dtype_computes_in_the_input_dtype():
+  # The float32 slope is cast to the input's dtype first, so a float16 input stays float16
+  # and its products are rounded as float16 products.
+  x = jnp.linspace(-10, 10, 20, dtype=jnp.float16)
+  y = nnx.PReLU(0.02)(x)
+  assert y.dtype == jnp.float16
+  np.testing.assert_array_equal(y, jnp.where(x >= 0, x, jnp.float16(0.02) * x))
 
 
 # -- with nnx.vmap ----------------------------------------------------------------

@@ -1,6 +1,7 @@
 """nnx.metrics: every result checked against numbers worked out by hand in the test."""
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import arbax as nnx
@@ -174,18 +175,48 @@ def test_multimetric_updates_computes_and_resets_all():
   assert all(np.isnan(v) for v in mm.compute().values())
 
 
-def test_multimetric_inside_nnx_jit():
+@pytest.mark.parametrize('graph', [True, False])
+def test_multimetric_inside_nnx_jit(graph):
   mm = nnx.MultiMetric(loss=metrics.Average('loss'), spread=metrics.Welford('loss'))
 
   @nnx.jit
   def step(mm, loss):
     mm.update(loss=loss)
 
-  step(mm, jnp.array([1.0, 3.0]))
-  step(mm, jnp.array([5.0]))
+  with nnx.set_graph_mode(graph):  # graph mode (the default) and tree mode update alike
+    step(mm, jnp.array([1.0, 3.0]))
+    step(mm, jnp.array([5.0]))
   out = mm.compute()
   assert float(out['loss']) == 3.0
   assert float(out['spread'].standard_deviation) == pytest.approx((8 / 3) ** 0.5)
+
+
+def test_train_state_subclass_updates_metrics_with_the_optimizer():
+  class TrainState(nnx.ModelAndOptimizer):  # the NNX guide's pattern: metrics ride along
+    def __init__(self, model, tx, metrics):
+      self.metrics = metrics
+      super().__init__(model, tx)
+
+    def update(self, *, grads, **values):
+      self.metrics.update(**values)
+      super().update(grads)
+
+  model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+  state = TrainState(model, optax.sgd(0.1), metrics.Average('loss'))
+  x, y = jnp.ones((4, 2)), jnp.zeros((4, 1))
+  losses = []
+
+  @nnx.jit
+  def step(state):
+    loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(state.model)
+    state.update(grads=grads, loss=loss)
+    return loss
+
+  for _ in range(3):
+    losses.append(float(step(state)))
+  assert losses[2] < losses[0]
+  assert float(state.metrics.compute()) == pytest.approx(sum(losses) / 3, rel=1e-6)
+  assert int(state.step[...]) == 3
 
 
 def test_multimetric_missing_argument():

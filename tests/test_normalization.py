@@ -232,6 +232,119 @@ def test_gradients_and_jit(layer):
                              atol=1e-5)
 
 
+# -- exact values ---------------------------------------------------------------------------
+# Statistics are plain means (jnp.mean, where=mask): mean and E[x^2] - mean^2 clipped at 0
+# (fast) or E[(x - mean)^2]; then y = (x - mean) * (rsqrt(var + eps) * scale) + bias. Other
+# orders of the same maths (sum / count, dividing by sqrt) differ in the last bits.
+def reference_stats(x, axes, fast, mask=None):
+  mean = jnp.mean(x, axes, where=mask)
+  if fast:
+    return mean, jnp.maximum(0.0, jnp.mean(jax.lax.square(x), axes, where=mask)
+                             - jax.lax.square(mean))
+  return mean, jnp.mean(jax.lax.square(x - jnp.expand_dims(mean, axes)), axes, where=mask)
+
+
+def reference_normalize(x, mean, var, stats_shape, scale, bias, eps):
+  y = x - mean.reshape(stats_shape)
+  mul = jax.lax.rsqrt(var.reshape(stats_shape) + eps)
+  if scale is not None:
+    mul = mul * scale
+  y = y * mul
+  return y if bias is None else y + bias
+
+
+@pytest.mark.parametrize('fast', [True, False])
+@pytest.mark.parametrize('masked', [False, True])
+def test_batch_norm_values_and_running_averages_are_exact(fast, masked):
+  mask = MASK if masked else None
+  bn = nnx.BatchNorm(6, momentum=0.9, scale_init=NORMAL, bias_init=NORMAL,
+                     use_fast_variance=fast, rngs=nnx.Rngs(0))
+  y = bn(X, mask=mask)
+  mean, var = reference_stats(X, (0, 1), fast, mask)
+  expected = reference_normalize(X, mean, var, (1, 1, 6), bn.scale[...], bn.bias[...], 1e-5)
+  np.testing.assert_array_equal(y, expected)
+  np.testing.assert_array_equal(bn.mean[...], 0.9 * jnp.zeros(6) + (1 - 0.9) * mean)
+  np.testing.assert_array_equal(bn.var[...], 0.9 * jnp.ones(6) + (1 - 0.9) * var)
+
+
+@pytest.mark.parametrize('fast', [True, False])
+def test_group_norm_values_are_exact(fast):
+  gn = nnx.GroupNorm(6, num_groups=3, scale_init=NORMAL, bias_init=NORMAL,
+                     use_fast_variance=fast, rngs=nnx.Rngs(0))
+  x = X4 * 3 + 1.5
+  mean, var = reference_stats(x.reshape(2, 3, 4, 3, 2), (1, 2, 4), fast)   # (batch, group)
+  mean, var = jnp.repeat(mean, 2, axis=1), jnp.repeat(var, 2, axis=1)   # (batch, channel)
+  expected = reference_normalize(x, mean, var, (2, 1, 1, 6), gn.scale[...], gn.bias[...], 1e-6)
+  np.testing.assert_array_equal(gn(x), expected)
+
+
+def test_group_norm_mask_may_broadcast_over_examples():
+  # A mask of just the channel axis selects the same channels in every example.
+  gn = nnx.GroupNorm(6, num_groups=3, rngs=nnx.Rngs(0))
+  channels = jnp.array([True, False, True, True, False, True])
+  y = gn(X4, mask=channels)
+  full = gn(X4, mask=jnp.broadcast_to(channels, X4.shape))
+  np.testing.assert_array_equal(y, full)
+  mean, var = reference_stats(X4.reshape(2, 3, 4, 3, 2), (1, 2, 4), True,
+                              channels.reshape(3, 2))
+  mean, var = jnp.repeat(mean, 2, axis=1), jnp.repeat(var, 2, axis=1)
+  np.testing.assert_array_equal(y, reference_normalize(X4, mean, var, (2, 1, 1, 6),
+                                                       gn.scale[...], gn.bias[...], 1e-6))
+
+
+@pytest.mark.parametrize('make, axes, stats_shape', [
+    (lambda: nnx.LayerNorm(18, reduction_axes=(1, 2), feature_axes=(1, 2), scale_init=NORMAL,
+                           bias_init=NORMAL, rngs=nnx.Rngs(0)), (1, 2), (4, 1, 1)),
+    (lambda: nnx.InstanceNorm(6, scale_init=NORMAL, bias_init=NORMAL, rngs=nnx.Rngs(0)),
+     (1,), (4, 1, 6)),
+])
+def test_layer_and_instance_norm_values_are_exact(make, axes, stats_shape):
+  norm = make()
+  mean, var = reference_stats(X, axes, True)
+  scale = norm.scale[...].reshape(X.shape[1:] if len(axes) == 2 else (6,))
+  bias = norm.bias[...].reshape(scale.shape)
+  np.testing.assert_array_equal(norm(X), reference_normalize(X, mean, var, stats_shape, scale,
+                                                             bias, 1e-6))
+
+
+def test_rms_norm_values_are_exact():
+  norm = nnx.RMSNorm(6, scale_init=NORMAL, rngs=nnx.Rngs(0))
+  ms = jnp.mean(jax.lax.square(X), -1)
+  expected = reference_normalize(X, jnp.zeros_like(ms), ms, (4, 3, 1), norm.scale[...], None,
+                                 1e-6)
+  np.testing.assert_array_equal(norm(X), expected)
+
+
+def test_half_precision_layers_compute_in_their_dtype_with_float32_statistics():
+  # dtype=float16 casts input and params first; statistics are float32, the result float16.
+  norm = nnx.LayerNorm(6, dtype=jnp.float16, scale_init=NORMAL, rngs=nnx.Rngs(0))
+  x16, scale16 = X.astype(jnp.float16), norm.scale[...].astype(jnp.float16)
+  mean, var = reference_stats(x16.astype(jnp.float32), (2,), True)
+  expected = reference_normalize(x16, mean, var, (4, 3, 1), scale16, jnp.zeros(6, jnp.float16),
+                                 1e-6).astype(jnp.float16)
+  y = norm(X)
+  assert y.dtype == jnp.float16
+  np.testing.assert_array_equal(y, expected)
+
+
+def test_batch_norm_running_averages_carry_no_gradient():
+  # Updating the averages is bookkeeping: differentiating through it gives zero.
+  bn = nnx.BatchNorm(6, rngs=nnx.Rngs(0))
+
+  def new_mean(x, bn):
+    bn(x)
+    return jnp.sum(bn.mean[...])
+
+  grad = nnx.grad(new_mean)(X, bn)
+  np.testing.assert_array_equal(grad, np.zeros(X.shape))
+
+
+def test_instance_norm_rejects_the_batch_axis_as_a_feature_axis():
+  norm = nnx.InstanceNorm(4, feature_axes=(0, -1), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match='batch axis'):
+    norm(X)
+
+
 # -- WeightNorm ----------------------------------------------------------------------------
 XL = jax.random.normal(jax.random.key(4), (5, 3))
 

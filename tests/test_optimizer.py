@@ -183,14 +183,52 @@ def test_graph_mode_shared_param_matches_pure_optax():
   np.testing.assert_allclose(model.c[...], p['c'], atol=1e-6)
 
 
-def test_tree_mode_refuses_shared_params():
+def test_graph_mode_is_the_default_and_the_context_decides_graph_none():
+  model = Tied()
+  optimizer = nnx.Optimizer(model, optax.sgd(0.5), wrt=nnx.Param)  # graph mode: shared is fine
+  assert optimizer.graph is None
+  optimizer.update(model, nnx.State({'a': jnp.ones(2), 'c': jnp.array(1.0)}))
+  assert model.a is model.b and model.a[...].tolist() == [0.5, -2.5]
+  # graph=None is read at every call: an update under tree mode sees the shared Param twice
+  with nnx.set_graph_mode(False):
+    with pytest.raises(ValueError, match=r'\.b.*\.a|\.a.*\.b'):
+      optimizer.update(model, nnx.State({'a': jnp.ones(2), 'c': jnp.array(1.0)}))
+  assert int(optimizer.step[...]) == 1
+
+
+@pytest.mark.parametrize('tree_mode', ['argument', 'context'])
+def test_tree_mode_refuses_shared_params(tree_mode):
   with pytest.raises(ValueError, match=r'\.b.*\.a|\.a.*\.b'):
-    nnx.Optimizer(Tied(), optax.sgd(0.1), wrt=nnx.Param)
+    if tree_mode == 'argument':
+      nnx.Optimizer(Tied(), optax.sgd(0.1), wrt=nnx.Param, graph=False)
+    else:
+      with nnx.set_graph_mode(False):
+        nnx.Optimizer(Tied(), optax.sgd(0.1), wrt=nnx.Param)
+
+
+@pytest.mark.parametrize('graph', [True, False])
+def test_training_under_nnx_jit_in_either_mode(graph):
+  with nnx.set_graph_mode(graph):
+    model = MLP(KEY)
+    optimizer = nnx.Optimizer(model, TXS['adam'](), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer):
+      optimizer.update(model, nnx.grad(model_loss, allow_int=True)(model, X, Y))
+
+    for _ in range(STEPS):
+      step(model, optimizer)
+  assert_params(model, pure_optax('adam'))
+  assert int(optimizer.step[...]) == STEPS
 
 
 def test_state_is_stored_in_variables():
   model = MLP(KEY)
   optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+  # optax's own structure, with Variables where it had arrays
+  assert isinstance(optimizer.opt_state[0], optax.ScaleByAdamState)
+  assert isinstance(optimizer.opt_state[1], optax.EmptyState)
+  assert isinstance(optimizer.opt_state[0].mu, nnx.State)
   flat = dict(nnx.state(optimizer).flat_state())
   assert type(flat[('step',)]) is nnx.OptState
   assert type(flat[('opt_state', 0, 'count')]) is nnx.OptArray
@@ -217,6 +255,49 @@ def test_checkpoint_round_trip_through_pure_dicts():
   assert int(optimizer2.step[...]) == 2
   for k in ('w1', 'b1', 'w2', 'b2'):
     np.testing.assert_allclose(getattr(model2, k)[...], getattr(model, k)[...], atol=1e-7)
+
+
+def test_grads_of_every_param_train_only_the_wrt_part():
+  base = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+  model = nnx.LoRA(3, 2, 2, base_module=base, rngs=nnx.Rngs(1))
+  model.lora_b[...] = jnp.ones((2, 2))  # a nonzero LoRA product, so lora_a gets a gradient
+  optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.LoRAParam)
+  x = jnp.ones((4, 3))
+  loss = lambda m: jnp.sum(m(x) ** 2)  # noqa: E731
+  grads = nnx.grad(loss)(model)         # nnx.grad's default: every Param, LoRA or not
+  assert ('base_module', 'kernel') in dict(grads.flat_state())
+  kernel, lora_a = model.base_module.kernel[...], model.lora_a[...]
+  optimizer.update(model, grads)
+  np.testing.assert_array_equal(model.base_module.kernel[...], kernel)  # outside wrt: untouched
+  np.testing.assert_allclose(model.lora_a[...], lora_a - 0.1 * grads['lora_a'][...], atol=1e-6)
+
+
+def test_jax_grad_over_a_module_gives_module_shaped_grads():
+  class Scaled(nnx.Module):
+    def __init__(self):
+      self.w = nnx.Param(jnp.array([1.0, -1.0]))
+      self.scale = nnx.BatchStat(jnp.array(2.0))  # differentiated by jax.grad, not trained
+
+    def __call__(self, x):
+      return jnp.sum(self.scale * self.w * x) ** 2
+
+  model = Scaled()
+  optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+  grads = jax.grad(lambda m: m(jnp.array([1.0, 2.0])))(model)
+  assert isinstance(grads, Scaled) and float(grads.scale[...]) != 0.0
+  optimizer.update(model, grads)
+  # d/dw (2 * (w0 + 2 w1))^2 = 8 * (w0 + 2 w1) * [1, 2] = -8 * [1, 2]
+  np.testing.assert_allclose(model.w[...], [1.8, 0.6], atol=1e-6)
+  assert float(model.scale[...]) == 2.0
+
+
+def test_optimizer_does_not_hold_the_model():
+  model = MLP(KEY)
+  optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+  with pytest.raises(AttributeError, match='ModelAndOptimizer'):
+    optimizer.model  # noqa: B018
+  with pytest.raises(AttributeError, match="no attribute 'params'"):
+    optimizer.params  # noqa: B018
 
 
 def test_grads_may_be_raw_arrays_or_a_plain_dict():
@@ -412,6 +493,33 @@ def test_line_search_kwargs_reach_tx_update():
     w = optax.apply_updates(w, u)
   assert float(f(w)) < float(f(jnp.array([0.0, 1.0, -1.0])))  # the line search did step
   np.testing.assert_allclose(model.w[...], w, atol=1e-6)
+
+
+# -- sharding of the optimizer state (8 devices: tests/sharding_scripts/mesh_checks.py) --
+MESH1 = jax.make_mesh((1, 1), ('data', 'model'), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def test_optimizer_sharding_metadata_shards_the_state_not_the_param():
+  with jax.set_mesh(MESH1):
+    model = nnx.Linear(2, 4, kernel_metadata={'optimizer_sharding': ('data', 'model')},
+                       rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+  P = jax.sharding.PartitionSpec
+  mu = optimizer.opt_state[0].mu['kernel']
+  assert mu.out_sharding == ('data', 'model') and 'optimizer_sharding' not in mu.get_metadata()
+  assert mu[...].sharding.spec == P('data', 'model')
+  assert model.kernel.get_metadata('out_sharding', None) is None
+  specs = nnx.get_partition_spec(nnx.state(optimizer))
+  assert specs['opt_state'][0]['nu']['kernel'].get_value() == P('data', 'model')
+  assert specs['opt_state'][0]['mu']['bias'].get_value() == P()
+
+
+def test_param_out_sharding_is_kept_by_its_optimizer_state():
+  init = nnx.with_partitioning(nnx.initializers.ones_init(), (None, 'model'))
+  with jax.set_mesh(MESH1):
+    model = nnx.Linear(2, 4, kernel_init=init, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+  assert optimizer.opt_state[0].mu['kernel'].out_sharding == (None, 'model')
 
 
 # -- ModelAndOptimizer ----------------------------------------------------------

@@ -213,6 +213,15 @@ def test_split_with_filter_mapping():
   assert same_key(split.dropout.key[...], jax.random.key(2))
 
 
+def test_stream_filters_select_by_tag_path_type_and_negation():
+  rngs = nnx.Rngs(params=1, dropout=2)
+  assert rngs.split({nnx.Not('params'): 3}).params.key.shape == ()
+  assert rngs.split({nnx.Not('params'): 3}).dropout.key.shape == (3,)
+  assert rngs.split({nnx.PathContains('params'): 2}).params.key.shape == (2,)
+  assert rngs.split({nnx.RngState: 2}).dropout.key.shape == (2,)
+  assert rngs.split({nnx.RngCount: 2}).dropout.key.shape == ()  # keys are not counts
+
+
 def test_stream_split_and_vmap_over_the_keys():
   stream = nnx.Rngs(params=0).params.split(3)
   keys = jax.vmap(lambda k, c: jax.random.fold_in(k, c))(stream.key[...], stream.count[...])
@@ -275,12 +284,130 @@ def test_reseed_of_split_streams_needs_a_policy():
     nnx.reseed(model, default=5, policy='bogus')
 
 
+def test_reseed_in_tree_mode_walks_the_tree():
+  model = Model(nnx.Rngs(dropout=0))
+  nnx.reseed(model, graph=False, dropout=3)
+  assert same_key(model.rngs.dropout.key[...], expected_key(3, 0))
+  shared = nnx.Dict(a=model.rngs, b=model.rngs)
+  with pytest.raises(ValueError):  # tree mode refuses the shared Rngs
+    nnx.reseed(shared, graph=False, dropout=3)
+  nnx.reseed(shared, graph=True, dropout=4)
+  assert same_key(model.rngs.dropout.key[...], expected_key(4, 0))
+
+
 # -- split_rngs ----------------------------------------------------------------
 def test_split_rngs_context_restores_keys():
   rngs = nnx.Rngs(params=0)
-  with nnx.split_rngs(rngs, splits=4):
+  with nnx.split_rngs(rngs, splits=4) as backups:
     assert rngs.params.key.shape == (4,) and rngs.params.count.shape == (4,)
+    assert [b[0] for b in backups] == [rngs.params]
   assert rngs.params.key.shape == () and same_key(rngs.params.key[...], jax.random.key(0))
+  assert int(rngs.params.count[...]) == 1  # the split used one key of the stream
+
+
+def test_split_rngs_in_place_splits_keys_from_a_fresh_key():
+  rngs = nnx.Rngs(params=0, dropout=1)
+  backups = nnx.split_rngs(rngs, splits=(2, 3), only='params')
+  assert isinstance(backups, nnx.rnglib.SplitBackups) and len(backups) == 1
+  assert rngs.params.key.shape == (2, 3) and rngs.params.count.shape == (2, 3)
+  assert rngs.dropout.key.shape == ()
+  np.testing.assert_array_equal(kd(rngs.params.key[...]),
+                                kd(jax.random.split(expected_key(0, 0), (2, 3))))
+  nnx.restore_rngs(backups)
+  assert rngs.params.key.shape == ()
+
+
+@pytest.mark.parametrize('graph,graph_updates', [(False, True), (False, False), (True, False)])
+def test_split_rngs_without_graph_updates_returns_a_split_copy(graph, graph_updates):
+  rngs = nnx.Rngs(params=0, dropout=1)
+  key_var = rngs.params.key
+  new = nnx.split_rngs(rngs, splits=5, graph=graph, graph_updates=graph_updates)
+  assert type(new) is nnx.Rngs and new is not rngs
+  assert new.params.key.shape == (5,) and new.dropout.key.shape == (5,)
+  assert rngs.params.key is key_var and rngs.params.key.shape == ()
+  assert int(rngs.params.count[...]) == 1  # the original gave the key that was split
+
+
+def test_split_rngs_follows_the_graph_mode_setting():
+  rngs = nnx.Rngs(params=0)
+  with nnx.set_graph_mode(False):
+    new = nnx.split_rngs(rngs, splits=2)
+  assert new.params.key.shape == (2,) and rngs.params.key.shape == ()
+  with nnx.set_graph_updates(False):
+    assert nnx.split_rngs(rngs, splits=2).params.key.shape == (2,)
+  assert rngs.params.key.shape == ()
+
+
+def test_split_rngs_squeeze_keeps_the_key_shape():
+  rngs = nnx.Rngs(params=0)
+  with nnx.split_rngs(rngs, splits=1, squeeze=True):
+    assert rngs.params.key.shape == () and rngs.params.count.shape == ()
+    assert same_key(rngs.params.key[...], jax.random.split(expected_key(0, 0), 1)[0])
+  with pytest.raises(ValueError, match='squeeze=True.*splits=1'):
+    nnx.split_rngs(rngs, splits=2, squeeze=True)
+
+
+def test_split_rngs_decorator_in_tree_mode_hands_copies_to_the_function():
+  seen = []
+
+  @nnx.split_rngs(splits=3, graph=False)
+  def f(rngs, *, other):
+    seen.append((rngs.params.key.shape, other.params.key.shape, rngs))
+    return rngs
+
+  rngs = nnx.Rngs(params=0)
+  out = f(rngs, other=nnx.Rngs(params=1))
+  assert seen[0][:2] == ((3,), (3,)) and out is not rngs and rngs.params.key.shape == ()
+
+
+def test_split_rngs_decorator_splits_keyword_arguments_in_place_during_the_call():
+  rngs = nnx.Rngs(params=0)
+
+  @nnx.split_rngs(splits=2)
+  def f(*, r):
+    assert r is rngs
+    return r.params.key.shape
+
+  assert f(r=rngs) == (2,) and rngs.params.key.shape == ()
+
+
+# -- fork_rngs -----------------------------------------------------------------
+def test_fork_rngs_in_place_gives_each_stream_a_fresh_key_until_restored():
+  rngs = nnx.Rngs(params=0, dropout=1)
+  backups = nnx.fork_rngs(rngs)
+  assert same_key(rngs.params.key[...], expected_key(0, 0))
+  assert same_key(rngs.dropout.key[...], expected_key(1, 0))
+  assert int(rngs.params.count[...]) == 0
+  nnx.restore_rngs(backups)
+  assert same_key(rngs.params.key[...], jax.random.key(0)) and int(rngs.params.count[...]) == 1
+
+
+def test_fork_rngs_split_mapping_touches_only_matching_streams():
+  rngs = nnx.Rngs(params=0, dropout=1, noise=2)
+  with nnx.fork_rngs(rngs, split={'params': 3, 'noise': None}):
+    assert rngs.params.key.shape == (3,)
+    assert same_key(rngs.noise.key[...], expected_key(2, 0))  # forked, not split
+    assert same_key(rngs.dropout.key[...], jax.random.key(1))  # untouched
+  assert rngs.params.key.shape == ()
+
+
+def test_fork_rngs_without_graph_updates_returns_a_forked_copy():
+  rngs = nnx.Rngs(params=0)
+  new = nnx.fork_rngs(rngs, split=2, graph=False)
+  assert new.params.key.shape == (2,) and rngs.params.key.shape == ()
+  new = nnx.fork_rngs(rngs, graph_updates=False)
+  assert same_key(new.params.key[...], expected_key(0, 1))
+  assert same_key(rngs.params.key[...], jax.random.key(0))
+
+
+def test_fork_rngs_decorator_forks_for_the_call_only():
+  @nnx.fork_rngs()
+  def f(r):
+    return r.params.key[...]
+
+  rngs = nnx.Rngs(params=0)
+  assert same_key(f(rngs), expected_key(0, 0))
+  assert same_key(rngs.params.key[...], jax.random.key(0))
 
 
 def test_split_rngs_decorator_splits_only_during_the_call():
@@ -323,7 +450,7 @@ def test_repr_of_several_streams_sums_state():
 # -- with_rngs / restore_rngs --
 def test_with_rngs_split_and_fork_leave_original_shapes():
   r = nnx.Rngs(params=0, dropout=1)
-  n = nnx.with_rngs(r, split={'params': 2}, fork='dropout')
+  n = nnx.with_rngs(r, split={'params': 2}, fork='dropout', graph_updates=False)
   assert n is not r and n.params is not r.params
   assert n.params.key.shape == (2,) and r.params.key.shape == ()
   assert n.dropout.key.shape == () and int(n.dropout.count[...]) == 0
@@ -335,13 +462,47 @@ def test_with_rngs_split_and_fork_leave_original_shapes():
 
 def test_with_rngs_broadcast_only_and_modules():
   r = nnx.Rngs(params=0, dropout=1)
-  b = nnx.with_rngs(r, broadcast=3)
+  b = nnx.with_rngs(r, broadcast=3, graph=False)
   assert b.params.key.shape == (3,)
-  o = nnx.with_rngs(r, split=2, only='params')
+  o = nnx.with_rngs(r, split=2, only='params', graph=False)
   assert o.params.key.shape == (2,) and o.dropout.key.shape == ()
   m = nnx.Dropout(0.1, rngs=nnx.Rngs(0))
-  nm = nnx.with_rngs(m, split=4)
+  nm = nnx.with_rngs(m, split=4, graph_updates=False)
   assert type(nm) is nnx.Dropout and nm.rngs.key.shape == (4,) and m.rngs.key.shape == ()
+
+
+def test_with_rngs_needs_a_mode_without_graph_updates():
+  r = nnx.Rngs(params=0)
+  with pytest.raises(NotImplementedError, match='graph_updates=False'):
+    nnx.with_rngs(r, split=2)
+  with pytest.raises(NotImplementedError, match='split_rngs'):
+    nnx.with_rngs(split=2)  # the decorator form too
+  with nnx.set_graph_mode(False):
+    assert nnx.with_rngs(r, split=2).params.key.shape == (2,)
+
+
+def test_with_rngs_decorator_hands_the_function_new_streams():
+  @nnx.with_rngs(split=4, graph_updates=False)
+  def f(r, *, s):
+    return r.params.key.shape, s['dropout'].key.shape
+
+  r = nnx.Rngs(params=0)
+  assert f(r, s=nnx.Rngs(dropout=1)) == ((4,), (4,))
+  assert r.params.key.shape == () and int(r.params.count[...]) == 1
+
+
+def test_with_rngs_one_stream_two_specific_rules_is_an_error_naming_it():
+  r = nnx.Rngs(params=0, dropout=1)
+  with pytest.raises(ValueError, match=r"\.params matches multiple rules.*split.*fork"):
+    nnx.with_rngs(r, split={'params': 4}, fork='params', graph=False)
+  with pytest.raises(ValueError, match='broadcast'):
+    nnx.with_rngs(r, broadcast={'dropout': 2}, fork=['dropout'], graph=False)
+  # a catch-all rule gives way to a specific one: split beats broadcast beats fork
+  n = nnx.with_rngs(r, split={'params': 4}, broadcast={...: 2}, fork=..., graph=False)
+  assert n.params.key.shape == (4,) and n.dropout.key.shape == (2,)
+  fresh = nnx.Rngs(params=0, dropout=1)
+  n = nnx.with_rngs(fresh, split={'params': 4}, fork=nnx.Not('params'), graph=False)
+  assert n.params.key.shape == (4,) and same_key(n.dropout.key[...], expected_key(1, 0))
 
 
 def test_restore_rngs_undoes_in_place_split():

@@ -1,4 +1,4 @@
-"""arbax.sharding and the sharding part of nnx.jit.
+"""arbax.sharding and the sharding part of nnx.jit (abstract models: test_spmd.py).
 
 Checks that need 8 devices (data/tensor parallel, remeshed checkpoints) run in
 their own process: tests/sharding_scripts/mesh_checks.py.
@@ -6,6 +6,7 @@ their own process: tests/sharding_scripts/mesh_checks.py.
 import jax
 import jax.numpy as jnp
 import pytest
+from jax.experimental.layout import Format, Layout
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import arbax as nnx
@@ -17,7 +18,8 @@ CHECKS = ['eager_sharding_places_params_under_set_mesh', 'jit_out_shardings_crea
           'jit_in_shardings_state_tree_reshards_plain_and_module',
           'jit_missing_path_in_sharding_tree_names_it',
           'abstract_model_and_as_abstract_carry_shardings', 'logical_rules_map_to_mesh_axes',
-          'with_sharding_constraint_inside_model', 'checkpoint_restores_onto_another_mesh']
+          'with_sharding_constraint_inside_model', 'checkpoint_restores_onto_another_mesh',
+          'optimizer_sharding_splits_the_moments_not_the_params']
 
 
 @pytest.fixture(scope='module')
@@ -45,7 +47,7 @@ def test_with_partitioning_records_out_sharding_and_keeps_values():
                        rngs=nnx.Rngs(0))
   assert type(layer.kernel) is nnx.Param
   assert layer.kernel.get_metadata() == {'out_sharding': (None, 'model'), 'mesh': None,
-                                         'hijax': False, 'ref': False}
+                                         'hijax': False, 'ref': False, 'eager_sharding': False}
   assert layer.kernel[...].tolist() == [[1.0] * 3] * 2
 
 
@@ -105,16 +107,33 @@ def test_logical_axis_rules_context_and_local_rules():
       spec(q)
 
 
-def test_as_abstract_needs_a_mesh_and_names_the_path():
-  with nnx.use_eager_sharding(False):
-    abstract = nnx.eval_shape(lambda: nnx.Linear(
-        2, 3, kernel_init=nnx.with_partitioning(INIT, (None, 'model')), rngs=nnx.Rngs(0)))
-  with pytest.raises(ValueError, match=r'\.kernel'):
-    nnx.as_abstract(abstract)
-  with jax.set_mesh(MESH1):
-    sharded = nnx.as_abstract(abstract)
-  assert sharded.kernel.get_value().sharding.spec == P(None, 'model')
-  assert sharded.bias.get_value().sharding is None
+def test_out_sharding_may_be_a_format_with_a_layout():
+  named = NamedSharding(MESH1, P('model', None))
+  fmt = Format(Layout(major_to_minor=(1, 0)), named)
+  v = nnx.Variable(jnp.ones((2, 2)), out_sharding=fmt)
+  assert v[...].sharding == named
+  assert nnx.get_partition_spec(v).get_value() == P('model', None)
+
+
+def test_eager_sharding_refuses_a_mesh_mixing_auto_and_explicit_axes():
+  types = jax.sharding.AxisType
+  mixed = jax.make_mesh((1, 1), ('row', 'col'), axis_types=(types.Auto, types.Explicit))
+  with pytest.raises(ValueError, match='mix'):
+    nnx.Variable(jnp.ones((2, 2)), out_sharding=('row', 'col'), mesh=mixed)
+  with nnx.use_eager_sharding(False):  # annotating only is fine
+    v = nnx.Variable(jnp.ones((2, 2)), out_sharding=('row', 'col'), mesh=mixed)
+  assert v.out_sharding == ('row', 'col')
+  explicit = jax.make_mesh((1, 1), ('row', 'col'), axis_types=(types.Explicit,) * 2)
+  v = nnx.Variable(jnp.ones((2, 2)), out_sharding=('row', 'col'), mesh=explicit)
+  assert v[...].sharding.spec == P('row', 'col') and v[...].sharding.mesh == explicit
+
+
+def test_with_metadata_carrier_is_adopted_by_hijax_params():
+  init = nnx.with_partitioning(INIT, ('model',), mesh=MESH1)
+  with nnx.var_defaults(hijax=True):
+    p = nnx.Param(init(jax.random.key(0), (2,)))
+  assert p.hijax and p.out_sharding == ('model',)
+  assert p[...].sharding == NamedSharding(MESH1, P('model'))
 
 
 def test_state_sharding_first_matching_filter_wins():

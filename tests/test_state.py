@@ -1,4 +1,6 @@
 """State and FlatState: nesting, flat views, filtering and pure-dict round trips."""
+import pickle
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -152,3 +154,34 @@ def test_skeleton_builder_and_getter_round_trip():
   del s['layers'][0]['extra']
   s['c'] = {'nested': 1}
   assert not compile_getter(skel)(s, [])
+
+
+def test_graph_state_reads_and_writes_through_to_its_state():
+  s = make()
+  gs = nnx.GraphState('a graphdef', s)
+  assert gs['c'] is s['c'] and gs.layers is s['layers'] and 'c' in gs and len(gs) == 2
+  gs.extra = 1
+  gs['more'] = 2
+  assert s['extra'] == 1 and s['more'] == 2 and list(gs) == list(s)
+  del gs['more']
+  assert 'more' not in s
+  with pytest.raises(ValueError, match='expects a State'):
+    nnx.GraphState('g', {'a': 1})
+  again = pickle.loads(pickle.dumps(gs))
+  assert again._graphdef == 'a graphdef' and list(again) == list(gs)
+
+
+def test_graph_state_maps_like_its_state_and_keeps_the_graphdef_static():
+  gs = nnx.GraphState('g', make())
+  doubled = jax.tree.map(lambda x: x * 2, gs)
+  assert type(doubled) is nnx.GraphState and doubled._graphdef == 'g'
+  assert float(doubled['c'][...]) == 2.0
+  assert jax.tree.structure(gs) == jax.tree.structure(doubled)
+
+
+def test_flat_state_is_a_pytree_of_its_values_and_merges_sorted():
+  fs = make().flat_state()
+  through = jax.jit(lambda f: jax.tree.map(lambda x: x + 1, f))(fs)
+  assert isinstance(through, nnx.FlatState) and through.paths == fs.paths
+  a, b = fs[:2], fs[2:]
+  assert nnx.FlatState.merge(b, a).paths == fs.paths

@@ -4,6 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jax.sharding import AxisType, PartitionSpec as P, reshard
+
 import arbax as nnx
 from tests.layer_transforms import check_ensemble, check_scan_broadcast, check_scan_over_layers
 
@@ -124,6 +126,26 @@ def test_gradient_is_the_scaled_mask():
 
 def test_dtype_is_kept():
   assert nnx.Dropout(0.3, rngs=nnx.Rngs(0))(X.astype(jnp.bfloat16)).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize('spec', [P('X', None), P('X', 'Y'), P(None, 'Y')])
+@pytest.mark.parametrize('broadcast_dims', [(), (0,), (1,)])
+def test_dropout_of_an_explicitly_sharded_input_keeps_its_sharding(spec, broadcast_dims):
+  # One device suffices: under Explicit axes the sharding is part of each array's type, and
+  # the mask must carry the input's for the select (broadcast axes: spread to it afterwards).
+  mesh = jax.make_mesh((1, 1), ('X', 'Y'), axis_types=(AxisType.Explicit, AxisType.Explicit))
+  x = jnp.arange(32.0).reshape(4, 8) + 1
+  with jax.set_mesh(mesh):
+    xs = reshard(x, spec)
+    drop = nnx.Dropout(0.5, broadcast_dims=broadcast_dims, rngs=nnx.Rngs(0))
+    y = drop(xs)
+    y_jit = nnx.jit(lambda d, x: d(x))(drop, xs)
+    assert jax.typeof(y).sharding.spec == jax.typeof(xs).sharding.spec
+    assert jax.typeof(y_jit).sharding.spec == jax.typeof(xs).sharding.spec
+  # The same numbers as without a mesh: the sharding changes the layout, not the mask.
+  unsharded = nnx.Dropout(0.5, broadcast_dims=broadcast_dims, rngs=nnx.Rngs(0))
+  np.testing.assert_array_equal(y, unsharded(x))
+  np.testing.assert_array_equal(y_jit, unsharded(x))
 
 
 # -- inside nnx.vmap / nnx.scan / nnx.jit ----------------------------------------

@@ -2,6 +2,7 @@
 import copy
 import operator
 import pickle
+import typing as tp
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +32,14 @@ def test_every_kind_holds_a_value_and_is_a_variable(kind):
 def test_holds_any_value_and_ellipsis_reads_it_whole(value):
   v = nnx.Variable(value)
   assert v[...] == value and v.value == value and v.get_value() == value
+
+
+def test_ellipsis_read_returns_the_stored_value_itself():
+  x = jnp.arange(3.0)
+  v = nnx.Param(x)
+  assert v[...] is x and v.get_value() is x  # no copy, no indexing op
+  k = jax.random.key(0)
+  assert nnx.RngKey(k)[...] is k
 
 
 def test_ellipsis_write_replaces_the_value_seen_by_every_holder():
@@ -236,30 +245,141 @@ def test_any_keyword_is_metadata_readable_as_attribute():
   p = nnx.Param(jnp.ones((2, 3)), tag='a', sharding_names=('b', None), custom=[1, 2])
   assert p.tag == 'a' and p.sharding_names == ('b', None) and p.custom == [1, 2]
   assert p.get_metadata() == {'tag': 'a', 'sharding_names': ('b', None), 'custom': [1, 2],
-                              'hijax': False, 'ref': False}
+                              'hijax': False, 'ref': False, 'eager_sharding': True}
   assert p.get_metadata('tag') == 'a'
   assert p.get_metadata('missing', None) is None
   with pytest.raises(KeyError):
     p.get_metadata('missing')
 
 
-def test_set_metadata_updates_or_replaces():
+def test_every_variable_has_the_required_metadata_and_can_leave_it_out():
+  p = nnx.Param(jnp.ones(2), tag='a')
+  assert {k: p.get_metadata(k) for k in ('hijax', 'ref', 'eager_sharding')} == {
+      'hijax': False, 'ref': False, 'eager_sharding': True}
+  assert p.get_metadata(exclude_required=True) == {'tag': 'a'}
+  assert nnx.Variable.required_metadata == {'hijax', 'ref', 'eager_sharding'}
+  assert p.has_metadata('tag') and not p.has_metadata('lr')
+  with pytest.raises(TypeError, match='without a name'):
+    p.get_metadata(default=1)
+
+
+def test_set_metadata_by_keywords_by_name_and_value_or_by_a_whole_dict():
   p = nnx.Param(jnp.ones(2), tag='a', keep=1)
   p.set_metadata(tag='b', new=2)
-  assert p.get_metadata() == {'tag': 'b', 'keep': 1, 'new': 2, 'hijax': False, 'ref': False}
+  assert p.get_metadata(exclude_required=True) == {'tag': 'b', 'keep': 1, 'new': 2}
+  p.set_metadata('lr', 0.5)
+  assert p.lr == 0.5 and p.tag == 'b'
+  # a whole dict replaces the entries; the required ones stay when it leaves them out
   p.set_metadata({'only': 3})
-  assert p.get_metadata() == {'only': 3, 'hijax': False, 'ref': False}
-  with pytest.raises(TypeError):
-    p.set_metadata({'a': 1}, b=2)
+  assert p.get_metadata() == {'only': 3, 'hijax': False, 'ref': False, 'eager_sharding': True}
+  p.set_metadata({'x': 1, 'hijax': False, 'ref': False, 'eager_sharding': True})
+  assert p.get_metadata(exclude_required=True) == {'x': 1}
 
 
-def test_attribute_assignment_sets_metadata_and_del_metadata_removes_it():
-  p = nnx.Param(jnp.ones(2))
-  p.tag = 'z'
-  assert p.get_metadata('tag') == 'z'
+@pytest.mark.parametrize('call', [
+    lambda p: p.set_metadata({'a': 1}, b=2),
+    lambda p: p.set_metadata('a', 1, 2),
+    lambda p: p.set_metadata(),
+])
+def test_set_metadata_rejects_other_argument_forms(call):
+  with pytest.raises(TypeError, match='set_metadata'):
+    call(nnx.Param(1.0))
+
+
+@pytest.mark.parametrize('call', [
+    lambda p: p.set_metadata(hijax=True),
+    lambda p: p.set_metadata('ref', True),
+    lambda p: p.set_metadata({'eager_sharding': False}),
+])
+def test_required_metadata_is_fixed_at_creation(call):
+  p = nnx.Param(1.0)
+  with pytest.raises(ValueError, match='Cannot change `(hijax|ref|eager_sharding)`'):
+    call(p)
+  assert p.get_metadata() == {'hijax': False, 'ref': False, 'eager_sharding': True}
+  with pytest.raises(ValueError, match='Cannot delete `ref`'):
+    p.del_metadata('ref')
+
+
+def test_set_metadata_records_a_partition_spec_in_each_form():
+  spec = jax.sharding.PartitionSpec
+  v = nnx.Variable(jnp.array(1.0))
+  v.set_metadata(out_sharding=spec(None))
+  assert v.out_sharding == spec(None)
+  v.set_metadata('out_sharding', spec('x'))
+  assert v.get_metadata('out_sharding') == spec('x')
+  v.set_metadata({'out_sharding': spec('y')})
+  assert v.get_metadata('out_sharding') == spec('y')
+
+
+def test_setting_metadata_of_an_outer_variable_inside_jit_raises_trace_context_error():
+  p = nnx.Param(jnp.zeros(2))
+
+  @jax.jit
+  def f(x):
+    p.set_metadata(tag='inner')
+    return x
+
+  with pytest.raises(nnx.TraceContextError, match='Param'):
+    f(1.0)
+  assert not p.has_metadata('tag')
+
+
+# -- eager sharding default -----------------------------------------------------
+def test_use_eager_sharding_default_is_recorded_by_each_new_variable():
+  assert nnx.using_eager_sharding() is True
+  with nnx.use_eager_sharding(False):
+    assert nnx.using_eager_sharding() is False
+    off = nnx.Param(jnp.ones(2))
+    assert nnx.Param(jnp.ones(2), eager_sharding=True).eager_sharding is True
+  assert off.eager_sharding is False and nnx.Param(1.0).eager_sharding is True
+
+  @nnx.use_eager_sharding(False)
+  def make():
+    return nnx.Param(1.0)
+
+  assert nnx.using_eager_sharding() is True  # decorating does not change the default
+  assert make().eager_sharding is False and nnx.Param(1.0).eager_sharding is True
+
+
+def test_a_variable_made_without_eager_sharding_keeps_its_annotation_only():
+  with nnx.use_eager_sharding(False):
+    v = nnx.Param(jnp.ones((2, 2)), out_sharding=('a', 'b'))  # no mesh needed: not placed
+  assert v.out_sharding == ('a', 'b') and v.eager_sharding is False
+  w = v.copy(jnp.zeros((2, 2)))
+  assert w.eager_sharding is False  # copies keep what their original was made with
+
+
+def test_attribute_assignment_is_refused_and_points_to_set_metadata():
+  p = nnx.Param(jnp.ones(2), tag='a')
+  for name in ('tag', 'brand_new'):  # existing metadata and a new name alike, as in NNX
+    with pytest.raises(AttributeError, match=rf"'{name}'.*set_metadata\({name}=value\)"):
+      setattr(p, name, 'z')
+  assert p.get_metadata() == {'tag': 'a', 'hijax': False, 'ref': False, 'eager_sharding': True}
+  with pytest.raises(AttributeError, match=r"del_metadata\('tag'\)"):
+    del p.tag
+  p.set_metadata(tag='z')
+  p.value = jnp.zeros(2)  # `value` stays assignable
+  assert p.tag == 'z' and float(p.sum()) == 0.0
   p.del_metadata('tag')
   with pytest.raises(AttributeError):
     p.tag
+
+
+def test_subclass_properties_with_setters_stay_assignable():
+  class Scaled(nnx.Variable):
+    @property
+    def doubled(self):
+      return self[...] * 2
+
+    @doubled.setter
+    def doubled(self, x):
+      self[...] = x / 2
+
+  v = Scaled(jnp.ones(()))
+  v.doubled = 8.0
+  assert float(v[...]) == 4.0
+  with pytest.raises(AttributeError, match='set_metadata'):
+    v.other = 1
 
 
 def test_metadata_does_not_leak_between_variables():
@@ -279,6 +399,28 @@ def test_copies_keep_kind_metadata_and_value():
   r = p.replace(jnp.zeros(3))
   assert type(r) is Count and r.tag == 't' and r[...].tolist() == [0, 0, 0]
   assert p[...].tolist() == [0, 1, 2]
+  n = p.copy(jnp.ones(2), tag='n')  # copy takes a new value too, like replace
+  assert type(n) is Count and n.tag == 'n' and n[...].tolist() == [1, 1]
+  s = p.to_state()
+  assert type(s) is Count and s is not p and s.tag == 't'
+
+
+def test_from_metadata_builds_a_variable_from_value_and_full_metadata():
+  p = nnx.Param(jnp.ones(2), tag='a')
+  q = nnx.Param.from_metadata(jnp.zeros(2), p.get_metadata())
+  assert type(q) is nnx.Param and q.get_metadata() == p.get_metadata()
+  assert q[...].tolist() == [0, 0]
+
+
+def test_copy_from_and_update_from_state_take_value_and_metadata():
+  a, b = nnx.Param(jnp.zeros(2), tag='a'), nnx.Param(jnp.ones(2), tag='b')
+  a.copy_from(b)
+  assert a.tag == 'b' and a[...].tolist() == [1, 1] and a is not b
+  with pytest.raises(ValueError, match='expected Param, got BatchStat'):
+    a.copy_from(nnx.BatchStat(jnp.ones(2)))
+  c = nnx.Param(jnp.zeros(2))
+  c.update_from_state(nnx.Param(jnp.full(2, 3.0), tag='s'))
+  assert c.tag == 's' and c[...].tolist() == [3, 3]
 
 
 def test_copy_is_independent_of_the_original():
@@ -289,6 +431,56 @@ def test_copy_is_independent_of_the_original():
   d = copy.deepcopy(nnx.Variable([1, 2]))
   d[0] = 5
   assert d[...] == [5, 2]
+
+
+# -- type annotations, calls, item deletion ---------------------------------------
+@pytest.mark.parametrize('kind', KINDS + [Count, nnx.RngKey])
+def test_every_kind_can_be_subscripted_as_an_annotation(kind):
+  alias = kind[jax.Array]
+  assert tp.get_origin(alias) is kind and tp.get_args(alias) == (jax.Array,)
+  v = kind(jnp.ones(2))
+  assert isinstance(v, kind) and type(v) is kind  # the kind itself is unchanged
+
+  def f(x: kind[jax.Array]) -> kind[jax.Array]:
+    return x
+  assert f(v) is v
+
+
+def test_a_subclass_of_a_subscripted_kind_is_a_plain_kind():
+  class Weight(nnx.Param[jax.Array]):
+    pass
+  assert Weight.__mro__[1] is nnx.Param
+  w = Weight(jnp.ones(2), tag='w')
+  q = jax.tree.map(lambda x: x * 2, w)  # a registered pytree node like any other kind
+  assert type(q) is Weight and q.tag == 'w' and q[...].tolist() == [2, 2]
+
+
+def test_calling_a_variable_calls_its_value():
+  class Scale(tp.NamedTuple):
+    factor: int
+
+    def __call__(self, x):
+      return self.factor * x
+
+  v = nnx.Param(Scale(4))
+  assert v(3) == 12
+  assert nnx.Variable(lambda a, b=1: a + b)(1, b=5) == 6
+  with pytest.raises(TypeError, match='not callable'):
+    nnx.Param(jnp.ones(2))()
+
+
+def test_deleting_an_item_removes_it_from_the_value():
+  v = nnx.Variable({'a': 1, 'b': 2})
+  del v['a']
+  assert v[...] == {'b': 2}
+  w = nnx.Variable([1, 2, 3])
+  del w[0]
+  assert w[...] == [2, 3]
+
+
+def test_shape_and_var_type():
+  v = nnx.BatchStat(jnp.ones((2, 3)))
+  assert v.shape == (2, 3) and v.var_type is nnx.BatchStat and v.type is nnx.BatchStat
 
 
 # -- pytree --------------------------------------------------------------------
@@ -361,6 +553,94 @@ def test_var_defaults_context_manager_sets_and_restores():
     assert nnx.Param(jnp.ones(1), hijax=False).hijax is False
   assert nnx.Param(jnp.ones(1)).hijax is False
   assert nnx.var_defaults().hijax is False
+
+
+def test_var_defaults_without_arguments_is_a_snapshot_mapping():
+  snap = nnx.var_defaults()
+  assert isinstance(snap, nnx.variablelib.VarDefaults)
+  assert dict(snap) == {'hijax': False, 'ref': False}
+  assert list(snap) == ['hijax', 'ref'] and len(snap) == 2 and 'ref' in snap
+  assert snap['ref'] is snap.ref is False
+  with pytest.raises(KeyError):
+    snap['eager_sharding']
+  with nnx.var_defaults(ref=True):
+    inside = nnx.var_defaults()
+  assert inside.ref is True and snap.ref is False  # each call is a frozen copy
+  with pytest.raises(AttributeError):
+    snap.ref = True
+
+
+def test_var_defaults_nest_and_change_only_what_they_name():
+  with nnx.var_defaults(hijax=True):
+    with nnx.var_defaults(ref=True):
+      assert dict(nnx.var_defaults()) == {'hijax': True, 'ref': True}
+      with nnx.var_defaults(hijax=False):
+        assert dict(nnx.var_defaults()) == {'hijax': False, 'ref': True}
+      assert nnx.var_defaults().hijax is True
+    assert dict(nnx.var_defaults()) == {'hijax': True, 'ref': False}
+  assert dict(nnx.var_defaults()) == {'hijax': False, 'ref': False}
+
+
+def test_var_defaults_as_a_decorator_applies_only_during_the_call():
+  @nnx.var_defaults(ref=True)
+  def make():
+    return nnx.var_defaults(), nnx.Param(jnp.ones(1))
+
+  assert nnx.var_defaults().ref is False  # decorating changed nothing
+  seen, p = make()
+  assert seen.ref is True and p.ref is True
+  assert nnx.var_defaults().ref is False and nnx.Param(1.0).ref is False
+
+
+def test_perturbation_is_a_kind_of_intermediate():
+  class M(nnx.Module):
+    def __init__(self):
+      self.sown = nnx.Intermediate(jnp.ones(1))
+      self.pert = nnx.Perturbation(jnp.zeros(1))
+      self.w = nnx.Param(jnp.ones(1))
+
+  assert issubclass(nnx.Perturbation, nnx.Intermediate)
+  assert set(nnx.state(M(), nnx.Intermediate)) == {'sown', 'pert'}
+  assert set(nnx.state(M(), nnx.Perturbation)) == {'pert'}
+
+
+def test_the_value_type_variable_a_parametrizes_variable_subclasses():
+  class EnvState(nnx.Variable[nnx.A]):
+    pass
+
+  assert isinstance(nnx.A, tp.TypeVar)
+  s = EnvState(jnp.zeros(2))
+  assert isinstance(s, nnx.Variable) and type(s) is EnvState
+  leaves, treedef = jax.tree.flatten(s)  # a pytree like every kind
+  assert type(jax.tree.unflatten(treedef, leaves)) is EnvState
+  assert EnvState[jax.Array].__origin__ is EnvState
+
+
+def test_variable_state_is_a_deprecated_alias_of_variable():
+  with pytest.warns(DeprecationWarning, match='Variable'):
+    alias = nnx.VariableState
+  assert alias is nnx.Variable
+  with pytest.raises(AttributeError, match='VariableStat'):
+    nnx.VariableStat  # other unknown names still raise
+
+
+def test_variable_metadata_bundles_a_value_with_hooks_and_metadata():
+  meta = nnx.VariableMetadata(jnp.ones(2), metadata={'sharding': ('x',)})
+  assert meta.on_set_value == () and meta.metadata == {'sharding': ('x',)}
+  np.testing.assert_array_equal(meta.raw_value, np.ones(2))
+  assert nnx.VariableMetadata(1).metadata is not nnx.VariableMetadata(2).metadata
+
+
+def test_is_array_ref_tells_refs_from_arrays_concrete_or_traced():
+  is_ref = nnx.variablelib.is_array_ref
+  r = jax.new_ref(jnp.zeros(2))
+  assert is_ref(r)
+  assert not is_ref(jnp.zeros(2)) and not is_ref(np.zeros(2)) and not is_ref(1.0)
+  assert not is_ref(nnx.Param(1.0, ref=True))  # a Variable is not itself a Ref ...
+  assert is_ref(nnx.Param(1.0, ref=True).get_raw_value())  # ... it holds one
+  seen = []
+  jax.jit(lambda r, x: seen.append((is_ref(r), is_ref(x))))(r, jnp.ones(1))
+  assert seen == [(True, False)]
 
 
 # -- repr ----------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The layer library (``nnx.Linear``, ``nnx.Conv``, ...): one family of layers per file."""
 from arbax.nn import initializers  # noqa: F401
+from arbax.nn.initializers import Initializer  # noqa: F401  (``nnx.Initializer``, a type alias)
 from arbax.nn.activations import *  # noqa: F401,F403
 from arbax.nn.linear import *  # noqa: F401,F403
 from arbax.nn.conv import *  # noqa: F401,F403

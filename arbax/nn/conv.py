@@ -219,14 +219,10 @@ class ConvTranspose(Module):
                bias_metadata: tp.Mapping[str, tp.Any] = _EMPTY):
     kernel_size = (kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size)
     channels = (out_features, in_features) if transpose_kernel else (in_features, out_features)
-    self.kernel_shape = kernel_size + channels
-    self.kernel = Param(kernel_init(rngs.params(), self.kernel_shape, param_dtype),
-                        **kernel_metadata)
-    self.bias = (Param(bias_init(rngs.params(), (out_features,), param_dtype), **bias_metadata)
-                 if use_bias else None)
+    # Attributes in NNX's order (the repr lists them so): configuration, then the Params.
+    self.kernel_size = kernel_size
     self.in_features = in_features
     self.out_features = out_features
-    self.kernel_size = kernel_size
     self.strides = strides
     self.padding = padding
     self.kernel_dilation = kernel_dilation
@@ -238,6 +234,11 @@ class ConvTranspose(Module):
     self.transpose_kernel = transpose_kernel
     self.promote_dtype = promote_dtype
     self.preferred_element_type = preferred_element_type
+    self.kernel_shape = kernel_size + channels
+    self.kernel = Param(kernel_init(rngs.params(), self.kernel_shape, param_dtype),
+                        **kernel_metadata)
+    self.bias = (Param(bias_init(rngs.params(), (out_features,), param_dtype), **bias_metadata)
+                 if use_bias else None)
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
     n = len(self.kernel_size)

@@ -9,7 +9,10 @@
     >>> embed.attend(jnp.ones((2, 4))).shape       # a score per vocabulary entry (tied output layer)
     (2, 10)
 
-Ids outside ``[0, num_embeddings)`` give NaN rows, as ``jnp.take`` fills them.
+Ids outside ``[0, num_embeddings)`` give NaN rows, as ``jnp.take`` fills them,
+except with a single embedding, whose row is broadcast to every id.
+With ``out_sharding=`` the lookup runs under ``jax.sharding.auto_axes``, so
+ids and table may be sharded over different explicit mesh axes.
 """
 from __future__ import annotations
 
@@ -28,11 +31,23 @@ default_embed_init = initializers.variance_scaling(1.0, 'fan_in', 'normal', out_
 _EMPTY: tp.Mapping[str, tp.Any] = {}
 
 
+def _take_rows(embedding: jax.Array, ids: jax.Array) -> jax.Array:
+  return jnp.take(embedding, ids, axis=0)
+
+
 class Embed(Module):
   """An ``embedding`` Param of shape ``(num_embeddings, features)``.
 
-  ``dtype`` (default: ``param_dtype``) is the dtype of the looked-up vectors
-  and of ``attend``'s scores.
+  Args:
+    num_embeddings: vocabulary size, the number of rows.
+    features: size of each embedding vector.
+    dtype: dtype of the looked-up vectors and of ``attend``'s scores (default:
+      the embedding's dtype).
+    param_dtype: dtype the ``embedding`` Param is stored in.
+    embedding_init: initializer for the table, called ``init(key, shape, param_dtype)``.
+    promote_dtype: ``fn(arrays, dtype=dtype, inexact=...) -> arrays``.
+    rngs: where the initialisation key comes from (the ``params`` stream).
+    embedding_metadata: extra metadata for the Param (e.g. sharding names).
   """
 
   def __init__(self, num_embeddings: int, features: int, *, dtype=None,
@@ -43,7 +58,7 @@ class Embed(Module):
                            **embedding_metadata)
     self.num_embeddings = num_embeddings
     self.features = features
-    self.dtype = dtype if dtype is not None else param_dtype
+    self.dtype = dtype if dtype is not None else self.embedding.dtype
     self.param_dtype = param_dtype
     self.promote_dtype = promote_dtype
 
@@ -52,8 +67,13 @@ class Embed(Module):
       raise ValueError('Input type must be an integer or unsigned integer; '
                        f'Embed got {inputs.dtype}. Pass token ids, e.g. x.astype(jnp.int32).')
     (embedding,) = self.promote_dtype((self.embedding[...],), dtype=self.dtype, inexact=False)
-    y = jnp.take(embedding, inputs, axis=0)
-    return y if out_sharding is None else jax.sharding.reshard(y, out_sharding)
+    if self.num_embeddings == 1:
+      return jnp.broadcast_to(embedding, inputs.shape + (self.features,))
+    if out_sharding is None:
+      return jnp.take(embedding, inputs, axis=0)
+    # A gather cannot infer its output sharding when ids and table are sharded over
+    # different axes; auto_axes lets the compiler place it, then lays out the result.
+    return jax.sharding.auto_axes(_take_rows, out_sharding=out_sharding)(embedding, inputs)
 
   def attend(self, query: jax.Array, out_sharding=None) -> jax.Array:
     """``query @ embedding.T``: the similarity of each query vector to every embedding."""

@@ -14,12 +14,16 @@ init functions themselves, not factories).
 """
 import typing as tp
 
-from jax.nn.initializers import (Initializer, constant, delta_orthogonal, glorot_normal,  # noqa: F401
+import jax
+from jax.nn.initializers import (constant, delta_orthogonal, glorot_normal,  # noqa: F401
                                  glorot_uniform, he_normal, he_uniform, kaiming_normal,
                                  kaiming_uniform, lecun_normal, lecun_uniform, normal, ones,
                                  orthogonal, truncated_normal, uniform, variance_scaling,
                                  xavier_normal, xavier_uniform, zeros)
 
+#: The type of an initializer: JAX's ``Initializer`` protocol or any callable
+#: ``init(key, shape, dtype)``; annotate your own ``kernel_init=`` arguments with it.
+Initializer = tp.Union[jax.nn.initializers.Initializer, tp.Callable[..., tp.Any]]
 DtypeLikeInexact = tp.Any
 
 

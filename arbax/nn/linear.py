@@ -15,6 +15,7 @@ and parameters together (see ``arbax.nn.dtypes.promote_dtype``).
 from __future__ import annotations
 
 import math
+import string
 import typing as tp
 
 import jax
@@ -24,7 +25,7 @@ from jax import lax
 from arbax.module import Module
 from arbax.nn import initializers
 from arbax.nn.dtypes import promote_dtype as _promote_dtype
-from arbax.variables import Param
+from arbax.variables import Param, Variable
 
 default_kernel_init = initializers.lecun_normal()
 default_bias_init = initializers.zeros_init()
@@ -36,11 +37,27 @@ def _tuple(x) -> tuple:
   return tuple(x) if isinstance(x, tp.Sequence) else (x,)
 
 
-def _dot_general_call(fn, *args, out_sharding=None, **kwargs):
-  # Only forward out_sharding when given, so custom dot_general functions need not accept it.
+def _dot_general_call(fn, lhs, rhs, dimension_numbers, *, precision, preferred_element_type,
+                      out_sharding):
+  # Optional keywords only when set, so a custom dot_general need not accept them.
+  kwargs = {}
+  if preferred_element_type is not None:
+    kwargs['preferred_element_type'] = preferred_element_type
   if out_sharding is not None:
     kwargs['out_sharding'] = out_sharding
-  return fn(*args, **kwargs)
+  return fn(lhs, rhs, dimension_numbers, precision=precision, **kwargs)
+
+
+def _init_reshaped(init, key, flat_shape, shape, dtype):
+  """``init`` called on ``flat_shape``, its value reshaped to ``shape``.
+
+  An initializer wrapped by ``nnx.with_partitioning`` returns a Variable
+  carrying metadata; the metadata is kept and only the value is reshaped.
+  """
+  value = init(key, flat_shape, dtype)
+  if isinstance(value, Variable):
+    return value.replace(jnp.reshape(value.get_value(), shape))
+  return jnp.reshape(value, shape)
 
 
 class Linear(Module):
@@ -129,17 +146,6 @@ class LinearGeneral(Module):
       raise ValueError(f'LinearGeneral: batch_axis dims {batch_dims} must be consecutive leading '
                        'dimensions starting from 0, e.g. batch_axis={0: n}.')
     batch_shape = tuple(self.batch_axis[d] for d in batch_dims)
-    n_in, n_out = math.prod(self.in_features), math.prod(self.out_features)
-    # Initialise as a (fan_in, fan_out) matrix per batch item so variance scaling sees the
-    # real fan-in/fan-out, then reshape to one axis per feature.
-    kernel = kernel_init(rngs.params(), batch_shape + (n_in, n_out), param_dtype)
-    self.kernel = Param(jnp.reshape(kernel, batch_shape + self.in_features + self.out_features),
-                        **kernel_metadata)
-    if use_bias:
-      bias = bias_init(rngs.params(), batch_shape + (n_out,), param_dtype)
-      self.bias = Param(jnp.reshape(bias, batch_shape + self.out_features), **bias_metadata)
-    else:
-      self.bias = None
     self.use_bias = use_bias
     self.dtype = dtype
     self.param_dtype = param_dtype
@@ -148,6 +154,19 @@ class LinearGeneral(Module):
     self.dot_general_cls = dot_general_cls
     self.promote_dtype = promote_dtype
     self.preferred_element_type = preferred_element_type
+    n_batch, n_in = math.prod(batch_shape), math.prod(self.in_features)
+    n_out = math.prod(self.out_features)
+    # The kernel is drawn as one (batch * fan_in, fan_out) matrix, so variance scaling sees
+    # every input axis (batch ones included) as fan-in, then gets one axis per feature.
+    kernel_shape = batch_shape + self.in_features + self.out_features
+    self.kernel = Param(_init_reshaped(kernel_init, rngs.params(), (n_batch * n_in, n_out),
+                                       kernel_shape, param_dtype), **kernel_metadata)
+    if use_bias:
+      bias_shape = batch_shape + self.out_features
+      self.bias = Param(_init_reshaped(bias_init, rngs.params(), (n_batch * n_out,),
+                                       bias_shape, param_dtype), **bias_metadata)
+    else:
+      self.bias = None
 
   def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
     ndim = inputs.ndim
@@ -160,9 +179,11 @@ class LinearGeneral(Module):
     bias = self.bias[...] if self.bias is not None else None
     inputs, kernel, bias = self.promote_dtype((inputs, self.kernel[...], bias), dtype=self.dtype)
     kernel_in = tuple(range(n_batch, n_batch + len(axis)))
-    dot_general = self.dot_general
-    if dot_general is None:
-      dot_general = self.dot_general_cls() if self.dot_general_cls is not None else lax.dot_general
+    # A dot_general_cls (a factory, e.g. for quantized matmuls) wins over a dot_general.
+    if self.dot_general_cls is not None:
+      dot_general = self.dot_general_cls()
+    else:
+      dot_general = self.dot_general if self.dot_general is not None else lax.dot_general
     y = _dot_general_call(dot_general, inputs, kernel,
                           ((axis, kernel_in), (batch_dims, batch_dims)),
                           precision=self.precision,
@@ -188,12 +209,31 @@ def _check_einsum_str(einsum_str: str) -> str:
   return einsum_str
 
 
-def _bias_broadcast_shape(einsum_str: str, kernel_shape, bias):
-  """Where the bias sits in the output: the output axes that come from the kernel keep their size."""
-  lhs, out = einsum_str.split('->')
-  kernel_letters = lhs.split(',')[1]
+def _expand_ellipses(einsum_str: str, lhs_ndim: int, rhs_ndim: int) -> tuple[str, str, str]:
+  """Spell out each ``...`` with letters the equation does not use, right-aligned as numpy does.
+
+      >>> _expand_ellipses('d...ab,bc...->ad...c', 5, 4)
+      ('dABab', 'bcAB', 'adABc')
+  """
+  operands, out = einsum_str.split('->')
+  lhs, rhs = operands.split(',')
+  if '...' not in einsum_str:
+    return lhs, rhs, out
+  spare = [c for c in string.ascii_uppercase + string.ascii_lowercase if c not in einsum_str]
+  n_lhs = lhs_ndim - (len(lhs) - 3) if '...' in lhs else 0
+  n_rhs = rhs_ndim - (len(rhs) - 3) if '...' in rhs else 0
+  fill = ''.join(spare[:max(n_lhs, n_rhs)])
+  # A shorter ellipsis lines up with the trailing letters of the longer one.
+  return (lhs.replace('...', fill[len(fill) - n_lhs:]),
+          rhs.replace('...', fill[len(fill) - n_rhs:]),
+          out.replace('...', fill))
+
+
+def _bias_broadcast_shape(einsum_str: str, input_ndim: int, kernel_shape) -> tuple[int, ...]:
+  """Where the bias sits in the output: output axes that come from the kernel keep their size."""
+  _, kernel_letters, out = _expand_ellipses(einsum_str, input_ndim, len(kernel_shape))
   sizes = dict(zip(kernel_letters, kernel_shape))
-  return tuple(sizes.get(c, 1) for c in out if c != '.')
+  return tuple(sizes.get(c, 1) for c in out)
 
 
 class Einsum(Module):
@@ -214,13 +254,16 @@ class Einsum(Module):
                einsum_op=jnp.einsum, preferred_element_type=None, rngs,
                kernel_metadata: tp.Mapping[str, tp.Any] = _EMPTY,
                bias_metadata: tp.Mapping[str, tp.Any] = _EMPTY):
-    self.einsum_str = _check_einsum_str(einsum_str)
-    self.kernel_shape = tuple(kernel_shape)
-    self.bias_shape = tuple(bias_shape) if bias_shape is not None else None
-    self.kernel = Param(kernel_init(rngs.params(), self.kernel_shape, param_dtype),
+    einsum_str = _check_einsum_str(einsum_str)
+    # Shapes may be given as a bare int (``bias_shape=5``), as initializers accept.
+    self.kernel = Param(kernel_init(rngs.params(), _tuple(kernel_shape), param_dtype),
                         **kernel_metadata)
-    self.bias = (Param(bias_init(rngs.params(), self.bias_shape, param_dtype), **bias_metadata)
+    self.bias = (Param(bias_init(rngs.params(), _tuple(bias_shape), param_dtype),
+                       **bias_metadata)
                  if bias_shape is not None else None)
+    self.einsum_str = einsum_str
+    self.kernel_shape = kernel_shape
+    self.bias_shape = bias_shape
     self.dtype = dtype
     self.param_dtype = param_dtype
     self.precision = precision
@@ -233,12 +276,15 @@ class Einsum(Module):
     einsum_str = _check_einsum_str(einsum_str if einsum_str is not None else self.einsum_str)
     bias = self.bias[...] if self.bias is not None else None
     inputs, kernel, bias = self.promote_dtype((inputs, self.kernel[...], bias), dtype=self.dtype)
-    kwargs = dict(precision=self.precision, preferred_element_type=self.preferred_element_type)
+    # Optional keywords only when set, so a custom einsum_op need not accept them.
+    kwargs: dict[str, tp.Any] = {'precision': self.precision}
+    if self.preferred_element_type is not None:
+      kwargs['preferred_element_type'] = self.preferred_element_type
     if out_sharding is not None:
       kwargs['out_sharding'] = out_sharding
     y = self.einsum_op(einsum_str, inputs, kernel, **kwargs)
     if bias is not None:
-      y = y + jnp.reshape(bias, _bias_broadcast_shape(einsum_str, kernel.shape, bias))
+      y = y + jnp.reshape(bias, _bias_broadcast_shape(einsum_str, inputs.ndim, kernel.shape))
     return y
 
 
@@ -248,6 +294,9 @@ class PReLU(Module):
       >>> import jax.numpy as jnp, arbax as nnx
       >>> nnx.PReLU(0.5)(jnp.array([-2.0, 3.0])).tolist()
       [-1.0, 3.0]
+
+  With ``dtype=None`` the output keeps the input's dtype (the slope is cast to
+  it); a ``dtype`` casts both input and slope with ``promote_dtype``.
   """
 
   def __init__(self, negative_slope_init: float = 0.01, *, dtype=None,
@@ -260,7 +309,12 @@ class PReLU(Module):
     self.promote_dtype = promote_dtype
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
-    inputs, slope = self.promote_dtype((inputs, self.negative_slope[...]), dtype=self.dtype)
+    slope = self.negative_slope[...]
+    if self.dtype is not None:
+      inputs, slope = self.promote_dtype((inputs, slope), dtype=self.dtype)
+    else:
+      # Without a dtype the output keeps the input's dtype: the slope follows the input.
+      slope = jnp.asarray(slope, inputs.dtype)
     return jnp.where(inputs >= 0, inputs, slope * inputs)
 
 

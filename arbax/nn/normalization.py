@@ -36,42 +36,50 @@ _EMPTY: tp.Mapping[str, tp.Any] = {}
 
 
 def _axes(axes, ndim: int) -> tuple[int, ...]:
+  """``axes`` (an int or a sequence, negatives allowed) as sorted, distinct, non-negative axes."""
   axes = (axes,) if isinstance(axes, int) else tuple(axes)
-  return tuple(sorted(a % ndim for a in axes))
+  return tuple(sorted({a % ndim for a in axes}))
 
 
 def _abs_sq(x):
   return lax.square(lax.real(x)) + lax.square(lax.imag(x)) if jnp.iscomplexobj(x) else lax.square(x)
 
 
-def _global_sum(x, axes, mask, axis_name, axis_index_groups):
-  """Sum over ``axes`` (where ``mask``), then across devices of ``axis_name`` when given."""
-  total = jnp.sum(x, axes, keepdims=True, where=mask)
-  if axis_name is not None:
-    total = lax.psum(total, axis_name, axis_index_groups=axis_index_groups)
-  return total
+def _compute_stats(x, axes, dtype=None, *, axis_name=None, axis_index_groups=None,
+                   use_mean: bool = True, use_fast_variance: bool = True, mask=None):
+  """Mean and (biased) variance of ``x`` over ``axes`` (dropped), in at least float32.
 
+      >>> import jax.numpy as jnp
+      >>> mean, var = _compute_stats(jnp.array([[1.0, 3.0], [2.0, 6.0]]), (1,))
+      >>> mean.tolist(), var.tolist()
+      ([2.0, 4.0], [1.0, 4.0])
 
-def _compute_stats(x, axes, *, axis_name=None, axis_index_groups=None, use_mean: bool = True,
-                   use_fast_variance: bool = True, mask=None):
-  """Mean and (biased) variance over ``axes``, keeping dims; both in at least float32.
-
-  Sums and counts are reduced across ``axis_name`` devices, so a masked or
-  uneven batch still gives the statistics of all the examples together.
+  Both are ``jnp.mean`` reductions (``where=mask``), so the numbers are the
+  ones a plain ``x.mean(axes)`` gives. ``use_fast_variance`` takes
+  ``E[|x|^2] - |E[x]|^2`` (one pass, clipped at 0) instead of
+  ``E[|x - E[x]|^2]``; ``use_mean=False`` gives a zero mean and ``E[|x|^2]``
+  (RMSNorm). With ``axis_name`` each device's means are averaged (``pmean``)
+  across that axis in one collective.
   """
-  dtype = jnp.promote_types(jnp.float32, x.dtype)
+  dtype = jnp.promote_types(jnp.result_type(x) if dtype is None else dtype, jnp.float32)
   x = jnp.asarray(x, dtype)
-  reduce = lambda v: _global_sum(v, axes, mask, axis_name, axis_index_groups)
-  ones = jnp.ones(x.shape, jnp.float32) if mask is None else jnp.asarray(mask, jnp.float32)
-  count = reduce(ones)
-  mean2 = reduce(_abs_sq(x)) / count
+
+  def means(*values):
+    local = [jnp.mean(v, axes, where=mask) for v in values]
+    if axis_name is None:
+      return local
+    averaged = lax.pmean(jnp.stack(local), axis_name, axis_index_groups=axis_index_groups)
+    return [averaged[i] for i in range(len(values))]
+
   if not use_mean:
-    return jnp.zeros_like(mean2), mean2
-  mean = reduce(x) / count
+    (var,) = means(_abs_sq(x))
+    return jnp.zeros_like(var), var
   if use_fast_variance:
-    var = jnp.maximum(0.0, mean2 - _abs_sq(mean))
-  else:
-    var = reduce(_abs_sq(x - mean)) / count
+    mean, mean2 = means(x, _abs_sq(x))
+    # Rounding can make the difference slightly negative; clip so rsqrt stays finite.
+    return mean, jnp.maximum(0.0, mean2 - _abs_sq(mean))
+  (mean,) = means(x)
+  (var,) = means(_abs_sq(x - jnp.expand_dims(mean, axes)))
   return mean, var
 
 
@@ -79,19 +87,26 @@ def _feature_shape(x_shape, feature_axes) -> tuple[int, ...]:
   return tuple(d if i in feature_axes else 1 for i, d in enumerate(x_shape))
 
 
-def _normalize(x, mean, var, scale, bias, feature_axes, *, epsilon, dtype, promote_dtype):
-  """``(x - mean) / sqrt(var + eps) * scale + bias``, params laid along ``feature_axes``."""
-  args = promote_dtype((x, scale, bias), dtype=dtype)
-  out_dtype = canonicalize_dtype(*args)
-  shape = _feature_shape(x.shape, feature_axes)
-  y = x - mean
-  mul = lax.rsqrt(var + epsilon)
+def _normalize(x, mean, var, scale, bias, reduction_axes, feature_axes, *, epsilon, dtype):
+  """``(x - mean) * (rsqrt(var + eps) * scale) + bias``, cast to the output dtype.
+
+  ``mean`` / ``var`` lack the ``reduction_axes``; ``scale`` / ``bias`` lie along
+  ``feature_axes``. The output dtype is ``dtype``, else that of ``x``, ``scale``
+  and ``bias`` promoted together.
+  """
+  stats_shape = tuple(1 if i in reduction_axes else d for i, d in enumerate(x.shape))
+  feature_shape = _feature_shape(x.shape, feature_axes)
+  y = x - jnp.reshape(mean, stats_shape)
+  mul = lax.rsqrt(jnp.reshape(var, stats_shape) + epsilon)
+  present = [x]
   if scale is not None:
-    mul = mul * jnp.reshape(scale, shape)
+    mul = mul * jnp.reshape(scale, feature_shape)
+    present.append(scale)
   y = y * mul
   if bias is not None:
-    y = y + jnp.reshape(bias, shape)
-  return jnp.asarray(y, out_dtype)
+    y = y + jnp.reshape(bias, feature_shape)
+    present.append(bias)
+  return jnp.asarray(y, canonicalize_dtype(*present, dtype=dtype))
 
 
 def _param(init, rngs, shape, param_dtype, metadata):
@@ -161,20 +176,32 @@ class BatchNorm(Module):
           '(bn(x, use_running_average=True/False)), or set it with model.train() / model.eval().')
     feature_axes = _axes(self.axis, x.ndim)
     reduction_axes = tuple(i for i in range(x.ndim) if i not in feature_axes)
-    shape = _feature_shape(x.shape, feature_axes)
-    if use_running_average:
-      mean = jnp.reshape(self.mean[...], shape)
-      var = jnp.reshape(self.var[...], shape)
-    else:
-      mean, var = _compute_stats(x, reduction_axes, axis_name=self.axis_name,
+    x, mean, var, scale, bias = self.promote_dtype(
+        (x, self.mean[...], self.var[...], _value(self.scale), _value(self.bias)),
+        dtype=self.dtype)
+    if not use_running_average:
+      mean, var = _compute_stats(x, reduction_axes, self.dtype, axis_name=self.axis_name,
                                  axis_index_groups=self.axis_index_groups,
                                  use_fast_variance=self.use_fast_variance, mask=mask)
+      # The running averages are bookkeeping, not part of the function being differentiated.
       m = self.momentum
       stats_shape = self.mean.shape
-      self.mean[...] = m * self.mean[...] + (1 - m) * jnp.reshape(mean, stats_shape)
-      self.var[...] = m * self.var[...] + (1 - m) * jnp.reshape(var, stats_shape)
-    return _normalize(x, mean, var, _value(self.scale), _value(self.bias), feature_axes,
-                      epsilon=self.epsilon, dtype=self.dtype, promote_dtype=self.promote_dtype)
+      self.mean[...] = lax.stop_gradient(
+          m * self.mean[...] + (1 - m) * jnp.reshape(mean, stats_shape))
+      self.var[...] = lax.stop_gradient(
+          m * self.var[...] + (1 - m) * jnp.reshape(var, stats_shape))
+    return _normalize(x, mean, var, scale, bias, reduction_axes, feature_axes,
+                      epsilon=self.epsilon, dtype=self.dtype)
+
+  def set_view(self, use_running_average: bool | None = None) -> None:
+    """What ``nnx.view`` switches on BatchNorm.
+
+    Args:
+      use_running_average: if True, normalize with the stored running averages;
+        if False, with the batch statistics (and update the averages).
+    """
+    if use_running_average is not None:
+      self.use_running_average = use_running_average
 
 
 class LayerNorm(Module):
@@ -210,12 +237,14 @@ class LayerNorm(Module):
     self.promote_dtype = promote_dtype
 
   def __call__(self, x, *, mask=None):
-    mean, var = _compute_stats(x, _axes(self.reduction_axes, x.ndim), axis_name=self.axis_name,
+    x, scale, bias = self.promote_dtype((x, _value(self.scale), _value(self.bias)),
+                                        dtype=self.dtype)
+    reduction_axes = _axes(self.reduction_axes, x.ndim)
+    mean, var = _compute_stats(x, reduction_axes, self.dtype, axis_name=self.axis_name,
                                axis_index_groups=self.axis_index_groups,
                                use_fast_variance=self.use_fast_variance, mask=mask)
-    return _normalize(x, mean, var, _value(self.scale), _value(self.bias),
-                      _axes(self.feature_axes, x.ndim), epsilon=self.epsilon, dtype=self.dtype,
-                      promote_dtype=self.promote_dtype)
+    return _normalize(x, mean, var, scale, bias, reduction_axes,
+                      _axes(self.feature_axes, x.ndim), epsilon=self.epsilon, dtype=self.dtype)
 
 
 class RMSNorm(Module):
@@ -242,11 +271,13 @@ class RMSNorm(Module):
     self.promote_dtype = promote_dtype
 
   def __call__(self, x, mask=None):
-    mean, var = _compute_stats(x, _axes(self.reduction_axes, x.ndim), axis_name=self.axis_name,
+    x, scale = self.promote_dtype((x, _value(self.scale)), dtype=self.dtype)
+    reduction_axes = _axes(self.reduction_axes, x.ndim)
+    mean, var = _compute_stats(x, reduction_axes, self.dtype, axis_name=self.axis_name,
                                axis_index_groups=self.axis_index_groups, use_mean=False,
                                mask=mask)
-    return _normalize(x, mean, var, _value(self.scale), None, _axes(self.feature_axes, x.ndim),
-                      epsilon=self.epsilon, dtype=self.dtype, promote_dtype=self.promote_dtype)
+    return _normalize(x, mean, var, scale, None, reduction_axes,
+                      _axes(self.feature_axes, x.ndim), epsilon=self.epsilon, dtype=self.dtype)
 
 
 class GroupNorm(Module):
@@ -280,12 +311,13 @@ class GroupNorm(Module):
         raise ValueError(f'Number of features ({num_features}) is not multiple of the group '
                          f'size ({group_size}).')
       num_groups = num_features // group_size
+    # Attributes in NNX's order (the repr lists them so); channels are num_groups * group_size.
+    self.feature_axis = -1
+    self.num_groups = num_groups
+    self.group_size = group_size
     _scale_and_bias(self, (num_features,), use_scale=use_scale, use_bias=use_bias,
                     scale_init=scale_init, bias_init=bias_init, param_dtype=param_dtype,
                     rngs=rngs, scale_metadata=scale_metadata, bias_metadata=bias_metadata)
-    self.num_features = num_features
-    self.num_groups = num_groups
-    self.group_size = group_size
     self.epsilon = epsilon
     self.dtype = dtype
     self.param_dtype = param_dtype
@@ -299,9 +331,10 @@ class GroupNorm(Module):
 
   def __call__(self, x, *, mask=None):
     channels = x.shape[-1]
-    if channels != self.num_features:
-      raise ValueError(f'GroupNorm: input has {channels} channels (last axis) but num_features '
-                       f'is {self.num_features}.')
+    if channels != self.num_groups * self.group_size:
+      raise ValueError(f'GroupNorm: input has {channels} channels (last axis) but the layer was '
+                       f'built for {self.num_groups * self.group_size} ({self.num_groups} groups '
+                       f'of {self.group_size}); pass num_features={channels} or reshape the input.')
     grouped = x.shape[:-1] + (self.num_groups, self.group_size)
     if self.reduction_axes is None:
       axes = tuple(range(1, x.ndim - 1))
@@ -309,15 +342,20 @@ class GroupNorm(Module):
       axes = tuple(a for a in _axes(self.reduction_axes, x.ndim) if a != x.ndim - 1)
     # Axes of the grouped view: the chosen ones plus the within-group channel axis.
     axes = axes + (x.ndim,)
+    x, scale, bias = self.promote_dtype((x, _value(self.scale), _value(self.bias)),
+                                        dtype=self.dtype)
     xg = jnp.reshape(x, grouped)
-    maskg = None if mask is None else jnp.reshape(mask, grouped)
-    mean, var = _compute_stats(xg, axes, axis_name=self.axis_name,
+    # The mask need only broadcast against x: split just its channel axis.
+    maskg = (None if mask is None
+             else jnp.reshape(mask, mask.shape[:-1] + (self.num_groups, self.group_size)))
+    mean, var = _compute_stats(xg, axes, self.dtype, axis_name=self.axis_name,
                                axis_index_groups=self.axis_index_groups,
                                use_fast_variance=self.use_fast_variance, mask=maskg)
-    mean = jnp.reshape(jnp.broadcast_to(mean, xg.shape), x.shape)
-    var = jnp.reshape(jnp.broadcast_to(var, xg.shape), x.shape)
-    return _normalize(x, mean, var, _value(self.scale), _value(self.bias), (x.ndim - 1,),
-                      epsilon=self.epsilon, dtype=self.dtype, promote_dtype=self.promote_dtype)
+    # The statistics end with the group axis: give each channel its group's value.
+    mean = jnp.repeat(mean, self.group_size, axis=-1)
+    var = jnp.repeat(var, self.group_size, axis=-1)
+    return _normalize(x, mean, var, scale, bias, axes[:-1], (x.ndim - 1,),
+                      epsilon=self.epsilon, dtype=self.dtype)
 
 
 class InstanceNorm(Module):
@@ -347,12 +385,17 @@ class InstanceNorm(Module):
 
   def __call__(self, x, *, mask=None):
     feature_axes = _axes(self.feature_axes, x.ndim)
+    if 0 in feature_axes:
+      raise ValueError(f'InstanceNorm: feature_axes={self.feature_axes} include axis 0, which is '
+                       'the batch axis; give the channel axes only, e.g. feature_axes=-1.')
     reduction_axes = tuple(i for i in range(1, x.ndim) if i not in feature_axes)
-    mean, var = _compute_stats(x, reduction_axes, axis_name=self.axis_name,
+    x, scale, bias = self.promote_dtype((x, _value(self.scale), _value(self.bias)),
+                                        dtype=self.dtype)
+    mean, var = _compute_stats(x, reduction_axes, self.dtype, axis_name=self.axis_name,
                                axis_index_groups=self.axis_index_groups,
                                use_fast_variance=self.use_fast_variance, mask=mask)
-    return _normalize(x, mean, var, _value(self.scale), _value(self.bias), feature_axes,
-                      epsilon=self.epsilon, dtype=self.dtype, promote_dtype=self.promote_dtype)
+    return _normalize(x, mean, var, scale, bias, reduction_axes, feature_axes,
+                      epsilon=self.epsilon, dtype=self.dtype)
 
 
 # -- weight normalisation wrappers ---------------------------------------------

@@ -11,7 +11,8 @@
 
 Keys come from the ``dropout`` stream (``rng_collection``) of the Rngs given
 at construction, which Dropout forks into a stream of its own, or from a
-``rngs=`` Rngs, RngStream or raw key passed to the call.
+``rngs=`` Rngs, RngStream or raw key passed to the call. An input sharded over
+explicit mesh axes gets a mask with the same sharding (see examples/sharded_layers.py).
 """
 from __future__ import annotations
 
@@ -20,9 +21,18 @@ import typing as tp
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from arbax.module import Module
 from arbax.rngs import Rngs, RngStream
+
+
+def _sharding_of(x) -> NamedSharding | None:
+  """``x``'s explicit sharding (over explicit mesh axes), or ``None`` when it has none."""
+  sharding = getattr(jax.typeof(x), 'sharding', None)
+  if isinstance(sharding, NamedSharding) and any(s is not None for s in sharding.spec):
+    return sharding
+  return None
 
 
 def _stream(rngs: Rngs, name: str) -> RngStream:
@@ -89,16 +99,33 @@ class Dropout(Module):
       return jnp.zeros_like(inputs)
     key = self._key(rngs)
     keep_prob = 1.0 - self.rate
+    broadcast_axes = self._broadcast_axes(inputs.ndim)
     # Broadcast axes get size 1 in the mask, so one draw covers the whole axis.
-    shape = tuple(1 if i in self._broadcast_axes(inputs.ndim) else d
-                  for i, d in enumerate(inputs.shape))
-    keep = jax.random.bernoulli(key, keep_prob, shape)
-    keep = jnp.broadcast_to(keep, inputs.shape)
+    shape = tuple(1 if i in broadcast_axes else d for i, d in enumerate(inputs.shape))
+    sharding = _sharding_of(inputs)
+    if sharding is None:
+      keep = jnp.broadcast_to(jax.random.bernoulli(key, keep_prob, shape), inputs.shape)
+    else:
+      # Under explicit sharding the mask must be laid out like the input for the select.
+      spec = tuple(sharding.spec) + (None,) * (inputs.ndim - len(sharding.spec))
+      mask_spec = P(*(None if i in broadcast_axes else s for i, s in enumerate(spec)))
+      keep = jax.random.bernoulli(key, keep_prob, shape,
+                                  out_sharding=sharding.update(spec=mask_spec))
+      keep = jnp.broadcast_to(keep, inputs.shape, out_sharding=sharding)
     scaled = inputs / keep_prob
     return lax.select(keep, scaled, jnp.zeros_like(scaled))
 
   def _broadcast_axes(self, ndim: int) -> set[int]:
     return {d % ndim for d in self.broadcast_dims}
+
+  def set_view(self, deterministic: bool | None = None) -> None:
+    """What ``nnx.view`` switches on Dropout.
+
+    Args:
+      deterministic: if True, Dropout is the identity; if False, it masks.
+    """
+    if deterministic is not None:
+      self.deterministic = deterministic
 
 
 __all__ = ['Dropout']

@@ -48,10 +48,25 @@ def _tracked(obj, only, graph) -> dict:
 class EMA(Pytree):
   """Exponential moving average of the Variables of ``params`` that match ``only``.
 
-  ``update(model)``: ``average = decay * average + (1 - decay) * current``.
-  ``apply_to(model)``: a copy of ``model``'s structure that uses the averaged
-  Variables (shared with this EMA, so later updates show) and the model's own
-  Variables for the rest.
+  ``ema.params`` holds copies of the selected Variables (same kinds, same
+  metadata), so the averages are state of the EMA: ``nnx.state(ema)`` and
+  ``nnx.jit`` see them, and ``update`` changes them in place.
+
+      >>> import jax.numpy as jnp, arbax as nnx
+      >>> model = nnx.Linear(1, 1, use_bias=False, rngs=nnx.Rngs(0))
+      >>> model.kernel[...] = jnp.zeros((1, 1))
+      >>> ema = nnx.EMA(model, decay=0.5, only=nnx.Param)
+      >>> model.kernel[...] = jnp.ones((1, 1))
+      >>> ema.update(model)                             # 0.5 * 0 + 0.5 * 1
+      >>> ema.apply_to(model).kernel[...].tolist()
+      [[0.5]]
+
+  Args:
+    params: the model (or a State) whose Variables are averaged.
+    decay: the weight of the old average, in [0, 1].
+    only: a filter selecting the Variables to average (all by default).
+    graph: graph mode (shared Variables averaged once) or tree mode (sharing is
+      an error); ``None`` follows ``nnx.set_graph_mode`` at each call.
   """
 
   def __init__(self, params: tp.Any, decay: float, *, only: filterlib.Filter = ...,
@@ -65,7 +80,12 @@ class EMA(Pytree):
     self.params = data(from_flat_state(copies))
 
   def update(self, updates: tp.Any) -> None:
-    """Move the averages toward the Variables of ``updates`` (a model or its State)."""
+    """Move the averages toward ``updates``: ``average = decay * average + (1 - decay) * current``.
+
+    Args:
+      updates: the model (or State) the EMA was made from, with the current values.
+        Paths missing or extra compared with the averages are a ValueError.
+    """
     current = _tracked(updates, self.filter, self.graph)
     averages = flat_dict(self.params)
     for path in averages:
@@ -84,7 +104,18 @@ class EMA(Pytree):
       average[...] = jnp.asarray(new).astype(jnp.result_type(old))
 
   def apply_to(self, model):
-    """A model like ``model`` whose averaged Variables are this EMA's (shared, not copied)."""
+    """A model like ``model`` whose averaged Variables are this EMA's (shared, not copied).
+
+    The rest of the model's Variables are its own, so evaluating the result
+    uses the averages without changing ``model``; later ``update`` calls show
+    in it.
+
+    Args:
+      model: the model the EMA was made from.
+
+    Returns:
+      A new model object of ``model``'s structure.
+    """
     graphdef, state = api.split(model, graph=self.graph)
     flat = flat_dict(state)
     averages = flat_dict(self.params)

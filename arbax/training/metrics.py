@@ -30,26 +30,69 @@ __all__ = ['Metric', 'MultiMetric']
 
 
 class MetricState(Variable):
-  """The kind of the Variables metrics keep their running totals in."""
+  """The kind of the Variables metrics keep their running totals in (filter them with it).
+
+      >>> import arbax as nnx
+      >>> sorted(nnx.state(nnx.metrics.Average(), nnx.metrics.MetricState))
+      ['count', 'total']
+  """
 
 
 class Metric(Pytree):
-  """Base class of metrics; subclasses define ``__init__``, ``update``, ``compute``, ``reset``."""
+  """Base class of metrics: running statistics kept in Variables, so they update inside ``nnx.jit``.
+
+  Subclasses define ``__init__`` (creating ``MetricState`` Variables),
+  ``update(**kwargs)`` (taking the keyword arguments it needs and ignoring the
+  rest, so one call feeds a whole ``MultiMetric``), ``compute()`` and ``reset()``.
+
+      >>> import jax.numpy as jnp, arbax as nnx
+      >>> class Max(nnx.Metric):
+      ...   def __init__(self):
+      ...     self.max = nnx.metrics.MetricState(jnp.array(-jnp.inf))
+      ...   def update(self, *, values, **_):
+      ...     self.max[...] = jnp.maximum(self.max[...], values.max())
+      ...   def compute(self):
+      ...     return self.max[...]
+      ...   def reset(self):
+      ...     self.max[...] = jnp.array(-jnp.inf)
+      >>> m = Max()
+      >>> m.update(values=jnp.array([1.0, 5.0, 3.0]))
+      >>> float(m.compute())
+      5.0
+  """
 
   def __init__(self):
     raise NotImplementedError('Must override `__init__()` method.')
 
   def update(self, **kwargs) -> None:
+    """Add a batch: read the keyword arguments this metric needs, ignore the others.
+
+    Args:
+      **kwargs: the batch's values by name (``loss=``, ``logits=``, ``labels=``...).
+    """
     raise NotImplementedError('Must override `update()` method.')
 
   def compute(self):
+    """The metric's value over everything passed to ``update`` since the last ``reset``.
+
+    Returns:
+      The value (an array, or a structure of them).
+    """
     raise NotImplementedError('Must override `compute()` method.')
 
   def reset(self) -> None:
+    """Forget every batch: back to the state of a new metric, in place."""
     raise NotImplementedError('Must override `reset()` method.')
 
   def split(self, *filters):
-    """``nnx.split(metric, *filters)``: its GraphDef and State(s)."""
+    """``nnx.split(metric, *filters)``: its GraphDef and State(s).
+
+    Args:
+      *filters: as for ``nnx.split``.
+
+    Returns:
+      ``(graphdef, state, ...)``.
+    """
     return api.split(self, *filters)
 
 
@@ -60,9 +103,20 @@ def _argument(kwargs: dict, argname: str):
 
 
 class Average(Metric):
-  """The mean of every value passed as ``update(<argname>=values)`` (default ``values``).
+  """The mean of every value passed as ``update(<argname>=values)``.
 
-  ``mask`` (broadcast against the values) leaves out the entries where it is False.
+      >>> import jax.numpy as jnp, arbax as nnx
+      >>> loss = nnx.metrics.Average('loss')
+      >>> loss.update(loss=jnp.array([1.0, 2.0, 9.0]), mask=jnp.array([True, True, False]))
+      >>> loss.update(loss=jnp.array(3.0))
+      >>> float(loss.compute())                       # (1 + 2 + 3) / 3
+      2.0
+
+  ``update`` takes ``mask`` (broadcast against the values): it leaves out the
+  entries where it is False.
+
+  Args:
+    argname: the keyword argument of ``update`` holding the values.
   """
 
   def __init__(self, argname: str = 'values'):
@@ -71,6 +125,12 @@ class Average(Metric):
     self.count = MetricState(jnp.array(0, dtype=jnp.int32))
 
   def update(self, mask: jax.Array | None = None, **kwargs) -> None:
+    """Add ``kwargs[argname]`` to the running total and count.
+
+    Args:
+      mask: where False, the values are left out (broadcast against them).
+      **kwargs: must hold ``argname``, else a TypeError; the rest is ignored.
+    """
     values = _argument(kwargs, self.argname)
     if mask is None:
       total, count = values.sum(), values.size
@@ -81,6 +141,11 @@ class Average(Metric):
     self.count[...] += count
 
   def compute(self) -> jax.Array:
+    """The mean so far (NaN before the first value).
+
+    Returns:
+      A float32 scalar.
+    """
     return self.total[...] / self.count[...]
 
   def reset(self) -> None:
@@ -90,7 +155,13 @@ class Average(Metric):
 
 @dataclasses.dataclass(frozen=True)
 class Statistics:
-  """What ``Welford.compute`` returns: mean, standard error of the mean, standard deviation."""
+  """What ``Welford.compute`` returns: mean, standard error of the mean, standard deviation.
+
+  Args:
+    mean: the mean.
+    standard_error_of_mean: ``standard_deviation / sqrt(count)``.
+    standard_deviation: the population standard deviation.
+  """
   mean: jax.Array
   standard_error_of_mean: jax.Array
   standard_deviation: jax.Array
@@ -102,9 +173,20 @@ jax.tree_util.register_dataclass(
 
 
 class Welford(Metric):
-  """Mean and spread of every value passed, merged batch by batch (Welford/Chan's update).
+  """Mean and spread of every value passed, merged batch by batch (Welford / Chan's update).
 
   The standard deviation is the population one (divides by the count).
+
+      >>> import jax.numpy as jnp, arbax as nnx
+      >>> stats = nnx.metrics.Welford()
+      >>> stats.update(values=jnp.array([1.0, 2.0]))
+      >>> stats.update(values=jnp.array([3.0, 4.0]))
+      >>> s = stats.compute()
+      >>> float(s.mean), round(float(s.standard_deviation), 4)
+      (2.5, 1.118)
+
+  Args:
+    argname: the keyword argument of ``update`` holding the values.
   """
 
   def __init__(self, argname: str = 'values'):
@@ -129,6 +211,11 @@ class Welford(Metric):
     self.count[...] = total
 
   def compute(self) -> Statistics:
+    """The statistics of every value so far.
+
+    Returns:
+      A ``Statistics`` (mean, standard error of the mean, standard deviation).
+    """
     count = self.count[...]
     std = jnp.sqrt(self.m2[...] / count)
     return Statistics(mean=self.mean[...], standard_error_of_mean=std / jnp.sqrt(count),
@@ -145,6 +232,16 @@ class Accuracy(Average):
   Multi-class (default): the prediction is ``argmax(logits, -1)`` and
   ``logits.ndim == labels.ndim + 1``. Binary (``threshold=t``): the prediction
   is ``logits > t`` and logits and labels have the same rank.
+
+      >>> import jax.numpy as jnp, arbax as nnx
+      >>> accuracy = nnx.metrics.Accuracy()
+      >>> accuracy.update(logits=jnp.array([[0.1, 0.9], [0.8, 0.2]]), labels=jnp.array([1, 1]))
+      >>> float(accuracy.compute())
+      0.5
+
+  Args:
+    threshold: None for multi-class, or the binary threshold.
+    *args, **kwargs: passed to ``Average`` (``argname``).
   """
 
   def __init__(self, threshold: float | None = None, *args, **kwargs):
@@ -153,6 +250,13 @@ class Accuracy(Average):
 
   def update(self, *, logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None,
              **_) -> None:
+    """Add a batch of predictions.
+
+    Args:
+      logits: the scores (multi-class: one more axis than ``labels``).
+      labels: integer labels.
+      mask: where False, the examples are left out.
+    """
     logits, labels = jnp.asarray(logits), jnp.asarray(labels)
     if self.threshold is None:
       if logits.ndim != labels.ndim + 1:
@@ -179,8 +283,18 @@ _METHODS = ('update', 'compute', 'reset', 'split')
 class MultiMetric(Metric):
   """Several named metrics updated together: ``nnx.MultiMetric(loss=Average('loss'), ...)``.
 
-  ``update(**kwargs)`` passes every keyword argument to every metric;
-  ``compute()`` returns ``{name: result}``.
+  ``update(**kwargs)`` passes every keyword argument to every metric (each
+  takes what it needs); ``compute()`` returns ``{name: result}``.
+
+      >>> import jax.numpy as jnp, arbax as nnx
+      >>> metrics = nnx.MultiMetric(loss=nnx.metrics.Average('loss'),
+      ...                           accuracy=nnx.metrics.Accuracy())
+      >>> metrics.update(loss=jnp.array(2.0), logits=jnp.array([[0.0, 1.0]]), labels=jnp.array([1]))
+      >>> {name: float(value) for name, value in metrics.compute().items()}
+      {'loss': 2.0, 'accuracy': 1.0}
+
+  Args:
+    **metrics: the metrics by name (not ``update``, ``compute``, ``reset`` or ``split``).
   """
 
   def __init__(self, **metrics: Metric):
@@ -200,6 +314,11 @@ class MultiMetric(Metric):
       metric.update(**updates)
 
   def compute(self) -> dict[str, tp.Any]:
+    """``{name: metric.compute()}`` for every metric.
+
+    Returns:
+      A dict in the order the metrics were given.
+    """
     return {name: metric.compute() for name, metric in self._metrics()}
 
   def reset(self) -> None:

@@ -31,22 +31,47 @@ from arbax import api
 from arbax import filters as filterlib
 from arbax.errors import format_path
 from arbax.pytree import Pytree, data
-from arbax.state import State, flat_dict, from_flat_state
+from arbax.state import GraphState, State, flat_dict, from_flat_state, graph_state_parts
 from arbax.variables import Param, Variable
 
 __all__ = ['OptState', 'OptArray', 'OptVariable', 'Optimizer', 'ModelAndOptimizer', 'TrainState']
 
 
 class OptState(Variable):
-  """Any optimizer state; the ``step`` counter is one."""
+  """Any optimizer state; the ``step`` counter is one. The filter for all of an Optimizer's state.
+
+      >>> import optax, arbax as nnx
+      >>> model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+      >>> optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+      >>> list(nnx.state(optimizer, nnx.OptState))
+      ['step']
+  """
 
 
 class OptArray(OptState):
-  """Optimizer state that is a plain array (Adam's ``count``, injected hyperparameters)."""
+  """Optimizer state that is a plain array (Adam's ``count``, injected hyperparameters).
+
+      >>> import optax, arbax as nnx
+      >>> model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+      >>> optimizer = nnx.Optimizer(model, optax.adam(0.1), wrt=nnx.Param)
+      >>> type(optimizer.opt_state[0].count).__name__        # Adam's step count
+      'OptArray'
+  """
 
 
 class OptVariable(OptState):
-  """Optimizer state shaped like a parameter (Adam's ``mu``); keeps the parameter's metadata."""
+  """Optimizer state shaped like a parameter (Adam's ``mu``); keeps the parameter's metadata.
+
+  A parameter's ``optimizer_sharding`` metadata becomes its moments'
+  ``out_sharding``, so the moments may be sharded differently (ZeRO-style).
+
+      >>> import optax, arbax as nnx
+      >>> model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+      >>> optimizer = nnx.Optimizer(model, optax.adam(0.1), wrt=nnx.Param)
+      >>> mu = optimizer.opt_state[0].mu
+      >>> type(mu['kernel']).__name__, mu['kernel'].shape
+      ('OptVariable', (2, 3))
+  """
 
 
 _MISSING = object()
@@ -67,11 +92,24 @@ def _plain_copies(state) -> State:
                           else v for p, v in flat_dict(state).items()})
 
 
+def _opt_metadata(param_metadata: dict) -> dict:
+  """The metadata of a parameter's optimizer state: ``optimizer_sharding`` replaces ``out_sharding``.
+
+  Lets the moments be split differently from the parameter (ZeRO-style), e.g.
+  ``nnx.Linear(..., kernel_metadata={'optimizer_sharding': ('data', None)})``.
+  """
+  metadata = dict(param_metadata)
+  if 'optimizer_sharding' in metadata:
+    metadata['out_sharding'] = metadata.pop('optimizer_sharding')
+  return metadata
+
+
 def _to_opt_state(tree):
   """Wrap every array of an optax state in a new Variable (never one of the model's own)."""
   def wrap(x):
     if isinstance(x, Variable):  # shaped like a param: keep its metadata (sharding, hijax, ...)
-      return OptVariable(x._value, **x._meta.items)
+      # the constructor places the value on the mesh when the metadata asks for it
+      return OptVariable(x.get_value(), **_opt_metadata(x.get_metadata()))
     if isinstance(x, _NUMBERS):
       return OptArray(x)
     return x
@@ -105,12 +143,28 @@ def _describe_wrt(wrt) -> str:
   return getattr(wrt, '__name__', None) or repr(wrt)
 
 
-def _check_grads(grads, params_flat: dict, wrt) -> dict:
-  """``{path: gradient array}`` for every param path; a ValueError names the first mismatch."""
-  if isinstance(grads, Variable) or not isinstance(grads, dict):
+def _grads_flat(grads, wrt, graph) -> dict:
+  """``{path: gradient}`` of the part of ``grads`` that ``wrt`` selects.
+
+  ``grads`` is a State (``nnx.grad``), a plain dict, or a Module-shaped tree
+  (``jax.grad`` over a Module). Gradient Variables outside ``wrt`` are dropped,
+  as NNX does, so ``nnx.grad``'s default (every Param) can train a LoRA-only
+  optimizer; raw arrays carry no kind and are all kept.
+  """
+  if isinstance(grads, GraphState):  # nnx.unpack-style gradients: the State inside
+    grads = graph_state_parts(grads)[1]
+  if isinstance(grads, Pytree):
+    grads = api.state(grads, wrt, graph=graph)
+  elif isinstance(grads, Variable) or not isinstance(grads, dict):
     raise TypeError(f'Optimizer.update expects grads as a State (like nnx.state(model, '
-                    f'{_describe_wrt(wrt)})), got {type(grads).__name__}.')
-  grads_flat = flat_dict(grads)
+                    f'{_describe_wrt(wrt)})) or a Module-shaped tree, got {type(grads).__name__}.')
+  selected = filterlib.to_predicate(wrt)
+  return {p: g for p, g in flat_dict(grads).items()
+          if not isinstance(g, Variable) or selected(p, g)}
+
+
+def _check_grads(grads_flat: dict, params_flat: dict, wrt) -> dict:
+  """``{path: gradient array}`` for every param path; a ValueError names the first mismatch."""
   missing = [p for p in params_flat if p not in grads_flat]
   extra = [p for p in grads_flat if p not in params_flat]
   if missing or extra:
@@ -140,8 +194,29 @@ def _check_grads(grads, params_flat: dict, wrt) -> dict:
 class Optimizer(Pytree):
   """Holds an optax transformation, its state and a step counter; updates a model in place.
 
-  ``wrt`` is the filter of the Variables it trains (usually ``nnx.Param``);
-  ``graph=True`` lets the model share Variables between attributes.
+  The optax state is stored as Variables (``OptVariable``, ``OptArray``,
+  ``OptState``), so ``nnx.jit`` and checkpoints carry it like any other state.
+  The model is not kept: pass it to ``update``.
+
+      >>> import jax.numpy as jnp, optax, arbax as nnx
+      >>> model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+      >>> optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+      >>> @nnx.jit
+      ... def train_step(model, optimizer, x, y):
+      ...   loss = lambda model: ((model(x) - y) ** 2).mean()
+      ...   grads = nnx.grad(loss)(model)
+      ...   optimizer.update(model, grads)      # in place, inside jit too
+      >>> train_step(model, optimizer, jnp.ones((4, 2)), jnp.zeros((4, 1)))
+      >>> int(optimizer.step[...])
+      1
+
+  Args:
+    model: the model whose ``wrt`` Variables are trained (only read here).
+    tx: any optax transformation.
+    wrt: the filter of the Variables it trains (usually ``nnx.Param``); ``update``
+      takes the same part of the gradients and ignores the rest. Required.
+    graph: graph mode (the model may share Variables) or tree mode (sharing is an
+      error); ``None`` follows ``nnx.set_graph_mode`` at each call.
   """
 
   def __init__(self, model, tx: optax.GradientTransformation, *, wrt: filterlib.Filter = _MISSING,
@@ -157,18 +232,47 @@ class Optimizer(Pytree):
     self.opt_state = data(_to_opt_state(tx.init(params)))
     self.wrt = wrt
 
-  def update(self, model, grads=_MISSING, /, **kwargs):
-    """Apply one step of ``tx`` with ``grads``; writes the new params into ``model``.
+  def __getattr__(self, name):
+    # only reached for missing attributes: explain the most common one
+    if name == 'model':
+      raise AttributeError(f'{type(self).__name__} does not hold the model: pass it to '
+                           'update(model, grads), or use nnx.ModelAndOptimizer(model, tx), '
+                           'whose .model is the model.')
+    raise AttributeError(f'{type(self).__name__!r} object has no attribute {name!r}')
 
-    ``kwargs`` reach ``tx.update`` (``value=``, ``grad=``, ``value_fn=`` for
-    optax's line-search optimizers). Returns the updates ``tx`` computed.
+  def update(self, model, grads=_MISSING, /, **kwargs):
+    """Apply one step of ``tx`` with ``grads``: the new params are written into ``model``.
+
+    The step counter increments and the optax state is updated in place. A
+    gradient missing for a parameter (or given for a non-parameter), a shape
+    mismatch, or a ``tx`` that changes the structure of its state is a
+    ValueError naming the culprit, raised before anything is written.
+
+        >>> import jax.numpy as jnp, optax, arbax as nnx
+        >>> model = nnx.Linear(1, 1, use_bias=False, rngs=nnx.Rngs(0))
+        >>> model.kernel[...] = jnp.ones((1, 1))
+        >>> optimizer = nnx.Optimizer(model, optax.sgd(0.5), wrt=nnx.Param)
+        >>> grads = nnx.State({'kernel': nnx.Param(jnp.full((1, 1), 2.0))})
+        >>> _ = optimizer.update(model, grads)
+        >>> model.kernel[...].tolist()                  # 1 - 0.5 * 2
+        [[0.0]]
+
+    Args:
+      model: the model the optimizer was made for.
+      grads: the gradients: a State shaped like ``nnx.state(model, wrt)`` (what
+        ``nnx.grad`` returns), a nested dict, or a Module-shaped tree.
+      **kwargs: passed to ``tx.update`` (``value=``, ``grad=``, ``value_fn=`` for
+        optax's line-search optimizers).
+
+    Returns:
+      The updates ``tx`` computed (a State of arrays).
     """
     if grads is _MISSING:
       raise TypeError('Optimizer.update(model, grads) takes the model and the gradients; '
                       'only one was passed. With nnx.ModelAndOptimizer call update(grads).')
     params = api.state(model, self.wrt, graph=self.graph)
     params_flat = flat_dict(params)
-    grads_flat = _check_grads(grads, params_flat, self.wrt)
+    grads_flat = _check_grads(_grads_flat(grads, self.wrt, self.graph), params_flat, self.wrt)
     param_values = from_flat_state({p: v._value if isinstance(v, Variable) else v
                                     for p, v in params_flat.items()})
     grad_values = from_flat_state(grads_flat)
@@ -191,13 +295,35 @@ class Optimizer(Pytree):
 
 
 class ModelAndOptimizer(Optimizer):
-  """An Optimizer that owns its model: ``update(grads)`` needs no model argument."""
+  """An Optimizer that owns its model (``.model``): ``update(grads)`` needs no model argument.
+
+      >>> import jax.numpy as jnp, optax, arbax as nnx
+      >>> state = nnx.ModelAndOptimizer(nnx.Linear(2, 1, rngs=nnx.Rngs(0)), optax.sgd(0.1))
+      >>> grads = nnx.grad(lambda m: m(jnp.ones((1, 2))).sum())(state.model)
+      >>> _ = state.update(grads)
+      >>> int(state.step[...])
+      1
+
+  Args:
+    model: the model, kept as ``.model``.
+    tx: any optax transformation.
+    wrt: the filter of the Variables it trains (``nnx.Param`` by default).
+  """
 
   def __init__(self, model, tx: optax.GradientTransformation, *, wrt: filterlib.Filter = Param):
     super().__init__(model, tx, wrt=wrt)
     self.model = model
 
   def update(self, grads, /, **kwargs):
+    """``Optimizer.update(self.model, grads, **kwargs)``: one step on the owned model.
+
+    Args:
+      grads: the gradients, as for ``Optimizer.update``.
+      **kwargs: passed to ``tx.update``.
+
+    Returns:
+      The updates ``tx`` computed.
+    """
     return super().update(self.model, grads, **kwargs)
 
 
@@ -211,7 +337,24 @@ class TrainState:
 
   ``TrainState.create(graphdef, params=params, tx=tx)`` initializes the optax
   state; ``apply_gradients(grads)`` returns a new TrainState one step later.
-  Subclasses are dataclasses too: add fields for more State (``batch_stats: nnx.State``).
+  Subclasses are dataclasses too: add fields for more State
+  (``batch_stats: nnx.State``). The top-level ``nnx.TrainState`` is the
+  ``nnx.helpers`` one, of the same design.
+
+      >>> import jax, jax.numpy as jnp, optax, arbax as nnx
+      >>> from arbax.training.optimizer import TrainState
+      >>> graphdef, params = nnx.split(nnx.Linear(2, 1, rngs=nnx.Rngs(0)), nnx.Param)
+      >>> ts = TrainState.create(graphdef, params=params, tx=optax.sgd(0.1))
+      >>> ts = ts.apply_gradients(jax.tree.map(jnp.zeros_like, ts.params))
+      >>> int(ts.step)
+      1
+
+  Args:
+    graphdef: the model's GraphDef (static).
+    params: the State the optimizer updates.
+    opt_state: the optax state.
+    step: the step count.
+    tx: the optax transformation (static).
   """
 
   graphdef: tp.Any = _static_field()
@@ -227,21 +370,57 @@ class TrainState:
   @classmethod
   def create(cls, graphdef, *, params, tx: optax.GradientTransformation, step: int = 0,
              **kwargs):
+    """A new TrainState whose ``opt_state`` is ``tx.init(params)``.
+
+    Args:
+      graphdef: the model's GraphDef.
+      params: the State the optimizer updates.
+      tx: any optax transformation.
+      step: the initial step.
+      **kwargs: the fields subclasses add.
+
+    Returns:
+      The TrainState (of ``cls``).
+    """
     return cls(graphdef=graphdef, params=params, opt_state=tx.init(params),
                step=jnp.asarray(step), tx=tx, **kwargs)
 
   def apply_gradients(self, grads, **kwargs):
-    """A new TrainState: ``params`` and ``opt_state`` after one ``tx`` step; ``step + 1``."""
+    """A new TrainState: ``params`` and ``opt_state`` after one ``tx`` step, and ``step + 1``.
+
+    Args:
+      grads: gradients shaped like ``params``.
+      **kwargs: passed to ``tx.update``.
+
+    Returns:
+      The new TrainState; this one is unchanged.
+    """
     updates, opt_state = self.tx.update(grads, self.opt_state, self.params, **kwargs)
     params = optax.apply_updates(self.params, updates)
     return self.replace(params=params, opt_state=opt_state, step=self.step + 1)
 
   def apply(self, state, *states):
-    """``ts.apply('params', 'batch_stats')(x)``: call the merged model; strings name fields."""
+    """Call the merged model: ``ts.apply('params', 'batch_stats')(x)``; strings name fields.
+
+    Args:
+      state: a State, or the name of a field holding one.
+      *states: more of them.
+
+    Returns:
+      What ``graphdef.apply`` returns: a caller giving ``(output, (graphdef, state))``.
+    """
     states = [getattr(self, s) if isinstance(s, str) else s for s in (state, *states)]
     return self.graphdef.apply(*states)
 
   def replace(self, **changes):
+    """A copy with the given fields changed.
+
+    Args:
+      **changes: the new field values.
+
+    Returns:
+      The new TrainState.
+    """
     return dataclasses.replace(self, **changes)
 
 

@@ -27,8 +27,10 @@ from jax.sharding import PartitionSpec
 from arbax import _settings
 from arbax.graph import flatten
 from arbax.pytree import Pytree
-from arbax.sharding import constrain, leaf_shardings
+from arbax.sharding import StateSharding, constrain, leaf_shardings
 from arbax.transforms import _propagate as prop
+from arbax.transforms.inflight import UNDECIDED
+from arbax.variables import Variable
 
 
 def _as_tuple(x) -> tuple:
@@ -54,12 +56,15 @@ class JitWrapped:
     self._static_argnames = frozenset(_as_tuple(static_argnames))
     self._donate_argnums = frozenset(_as_tuple(donate_argnums))
     self._donate_argnames = frozenset(_as_tuple(donate_argnames))
+    _check_sharding_prefix(in_shardings, 'in_shardings', self.graph)
+    _check_sharding_prefix(out_shardings, 'out_shardings', self.graph)
     self._in_shardings = in_shardings
     self._out_shardings = out_shardings
     self._jit_kwargs = dict(keep_unused=keep_unused, device=device, backend=backend, inline=inline)
     self._jitted: dict = {}   # (donated input positions, shardings) -> jax.jit object
     self._plan = None
     self._last_jitted = None
+    self._inflight = UNDECIDED  # bounds calls queued ahead on several CPU devices (inflight.py)
     try:
       self._signature = inspect.signature(fun)
     except (TypeError, ValueError):
@@ -67,7 +72,8 @@ class JitWrapped:
 
   # -- the traced function --
   def _inner(self, key: prop.CallKey, *inputs):
-    return prop.run(self.fun, key, inputs, graph=self.graph, keep=key.extra or ())
+    return prop.run(self.fun, key, inputs, graph=self.graph, graph_updates=self.graph_updates,
+                    keep=key.extra or (), name='jit')
 
   def _static_positions(self, args, kwargs) -> frozenset:
     positions = set()
@@ -94,11 +100,10 @@ class JitWrapped:
       return (), ()
     donated = set()
     keep = []
-    positions = prop._positions(args, kwargs)
     dyn = 0
     groups = iter(plan.groups)
     params = list(self._signature.parameters) if self._signature is not None else []
-    for (pos, _), kind in zip(positions, plan.kinds):
+    for pos, kind in plan.arguments():
       if kind == prop.STATIC_ARG:
         continue
       is_donated = (pos in self._donate_argnums or pos in self._donate_argnames
@@ -125,9 +130,20 @@ class JitWrapped:
     return self._in_shardings is not None or self._out_shardings is not None
 
   def _get_sharded_jitted(self, plan: prop.Plan, donated: tuple, args, kwargs):
-    """A ``jax.jit`` for this plan: in_shardings per leaf; outputs and updates constrained inside."""
+    """A ``jax.jit`` for this plan: in_shardings per leaf; outputs and updates constrained inside.
+
+    With graph updates, Variables given an input sharding always come back, so the caller's
+    arrays take it (``nnx.jit(f, in_shardings=...)(model)`` reshards the model, as in NNX).
+    """
     dyn_shardings, leaf_specs = _input_shardings(self._in_shardings, plan, args, kwargs,
-                                                 self.graph, self._static_positions(args, kwargs))
+                                                 self._static_positions(args, kwargs))
+    resharded = {i for i, spec in enumerate(leaf_specs)
+                 if spec is not None and isinstance(plan.items[i], Variable)
+                 and self.graph and self.graph_updates}
+    if resharded:
+      key = plan.key
+      plan.key = prop.CallKey(key.graphdef, key.kinds, key.kw_names, key.group_sizes,
+                              key.statics, frozenset(resharded | set(key.extra or ())))
     cache_key = (donated, plan.key, tuple(leaf_specs))
     jitted = self._jitted.get(cache_key)
     if jitted is None:
@@ -154,18 +170,24 @@ class JitWrapped:
       self._plan = plan
     return plan, self._last_jitted
 
+  @prop.api_boundary
   def __call__(self, *args, **kwargs):
     plan, jitted = self._prepare(args, kwargs)
-    return prop.finish(plan, jitted(plan.key, *prop.split_inputs(plan, args, kwargs)))
+    result = jitted(plan.key, *prop.split_inputs(plan, args, kwargs))
+    if self._inflight is not None:
+      self._inflight = self._inflight.after_call(result)
+    return prop.finish(plan, result)
 
   def __get__(self, obj, objtype=None):
     if obj is None:
       return self
     return functools.partial(self, obj)
 
-  def lower(self, *args, **kwargs):
+  def lower(self, *args, **kwargs) -> 'Lowered':
+    """``jax.jit(...).lower`` for these arguments; ``.compile()`` gives a function of the same
+    arguments that propagates state like this one."""
     plan, jitted = self._prepare(args, kwargs)
-    return jitted.lower(plan.key, *prop.split_inputs(plan, args, kwargs))
+    return Lowered(self, plan.key, jitted.lower(plan.key, *prop.split_inputs(plan, args, kwargs)))
 
   def trace(self, *args, **kwargs):
     plan, jitted = self._prepare(args, kwargs)
@@ -174,7 +196,42 @@ class JitWrapped:
   def eval_shape(self, *args, **kwargs):
     plan, jitted = self._prepare(args, kwargs)
     result = jitted.eval_shape(plan.key, *prop.split_inputs(plan, args, kwargs))
+    if result.changed is prop.RESTRUCTURED:
+      return prop.build_output(*result.out_def[1:2], result.out_leaves)[1]
     return prop.build_output(result.out_def, result.out_leaves, plan.nodes)
+
+
+class Lowered:
+  """A lowered ``nnx.jit`` call: JAX's ``Lowered`` (``as_text``, ``cost_analysis``, ...) whose
+  ``compile()`` keeps state propagation."""
+
+  def __init__(self, wrapped: JitWrapped, key: prop.CallKey, lowered):
+    self._wrapped, self._key, self._lowered = wrapped, key, lowered
+
+  def compile(self, *args, **kwargs) -> 'Compiled':
+    return Compiled(self._wrapped, self._key, self._lowered.compile(*args, **kwargs))
+
+  def __getattr__(self, name):
+    return getattr(self._lowered, name)
+
+
+class Compiled:
+  """A compiled ``nnx.jit`` call: takes the original arguments, propagates their state; other
+  attributes are JAX's ``Compiled`` (``as_text``, ``cost_analysis``, ...)."""
+
+  def __init__(self, wrapped: JitWrapped, key: prop.CallKey, compiled):
+    self._wrapped, self._key, self._compiled = wrapped, key, compiled
+
+  def __call__(self, *args, **kwargs):
+    plan, _ = self._wrapped._prepare(args, kwargs)
+    if plan.key != self._key:
+      raise TypeError('This compiled nnx.jit function was lowered for arguments of another '
+                      f'structure: lowered for {self._key.graphdef}, called with '
+                      f'{plan.key.graphdef}. Lower it again for these arguments.')
+    return prop.finish(plan, self._compiled(*prop.split_inputs(plan, args, kwargs)))
+
+  def __getattr__(self, name):
+    return getattr(self._compiled, name)
 
 
 def jit(fun: tp.Callable | None = None, *, in_shardings=None, out_shardings=None,
@@ -183,9 +240,24 @@ def jit(fun: tp.Callable | None = None, *, in_shardings=None, out_shardings=None
         graph: bool | None = None, graph_updates: bool | None = None):
   """``jax.jit`` with state propagation: Variable updates inside reach the caller's objects.
 
-  Use as ``@nnx.jit``, ``@nnx.jit(graph=True)`` or ``nnx.jit(f, static_argnums=...)``.
-  Tree mode (default) refuses shared Variables with a ValueError naming both
-  paths; graph mode (``graph=True``) allows them and keeps them shared.
+  Use as ``@nnx.jit``, ``@nnx.jit(graph=False)`` or ``nnx.jit(f, static_argnums=...)``.
+
+  Graph mode with graph updates (NNX's default): shared Variables and Modules stay shared,
+  structural changes made inside (attributes added, replaced or deleted, ``nnx.List`` edits,
+  new Variables) reach the caller's objects, and an output that is an input comes back as
+  the caller's object. ``graph_updates=False`` carries Variable values only; tree mode
+  (``graph=False``) also refuses shared Variables with a ValueError naming both paths.
+
+  Args:
+    fun: the function; its arguments may hold Modules, Variables, States and arrays.
+    in_shardings / out_shardings: as ``jax.jit``; for an object, one sharding, an
+      ``nnx.StateSharding`` or a tree shaped like ``nnx.state(argument)``.
+    static_argnums, static_argnames, donate_argnums, donate_argnames, keep_unused, device,
+      backend, inline: as ``jax.jit``.
+    graph / graph_updates: override ``nnx.set_graph_mode`` / ``nnx.set_graph_updates``.
+
+  Returns:
+    A ``JitWrapped`` callable (with ``lower``, ``trace``, ``eval_shape``).
   """
   options = dict(in_shardings=in_shardings, out_shardings=out_shardings,
                  static_argnums=static_argnums, static_argnames=static_argnames,
@@ -194,27 +266,89 @@ def jit(fun: tp.Callable | None = None, *, in_shardings=None, out_shardings=None
                  graph=graph, graph_updates=graph_updates)
   if fun is None:
     return lambda f: jit(f, **options)
-  self_obj = getattr(fun, '__self__', None)
-  if isinstance(self_obj, Pytree):
-    # a bound method: `self` becomes an argument so its state propagates
-    wrapped = JitWrapped(fun.__func__, **_shift_static(options))
-    return functools.partial(wrapped, self_obj)
+  prop.refuse_bound_method(fun, 'jit')
   return JitWrapped(fun, **options)
 
 
-def plan_paths(plan: prop.Plan, args: tuple, kwargs: dict, graph: bool) -> list:
-  """Per graph argument of ``plan``: ``(first leaf index, paths of its leaves inside the argument)``."""
-  positional: list = [None] * len(args)
-  named: dict = {}
-  for (pos, value), kind in zip(prop._positions(args, kwargs), plan.kinds):
-    if kind == prop.GRAPH:
-      if isinstance(pos, int):
-        positional[pos] = value
-      else:
-        named[pos] = value
-  # the same walk make_plan did, so leaves line up with plan.items
-  fl = flatten((tuple(positional), named), graph=graph, context='sharding')
-  return [(a, [p[2:] for p in fl.paths[a:b]]) for a, b in plan.groups]
+def jit_partial(fun: tp.Callable, *partial_args, in_shardings=None, out_shardings=None,
+                static_argnums=None, static_argnames=None, donate_argnums=None,
+                donate_argnames=None, keep_unused: bool = False, device=None, backend=None,
+                inline: bool = False, graph: bool | None = None,
+                graph_updates: bool | None = None) -> 'JitPartial':
+  """``nnx.jit(fun)`` with its first arguments bound: ``step = nnx.jit_partial(train_step,
+  model, optimizer)`` then ``step(x, y)``.
+
+  The bound objects are checked once here (tree mode refuses shared Variables with a
+  ValueError naming both paths); each call reuses their cached flattening, so only their
+  current values are gathered, and updates reach them as with ``nnx.jit``. ``in_shardings``,
+  when a tuple, has an entry per argument, bound ones first.
+
+  Args:
+    fun: the function; its first ``len(partial_args)`` parameters receive ``partial_args``.
+    *partial_args: the objects (or any values) to bind.
+    **options: as ``nnx.jit``.
+
+  Returns:
+    A callable taking the remaining arguments, with ``lower`` like ``nnx.jit``.
+  """
+  graph_mode = _settings.graph_mode(graph)
+  if not graph_mode:
+    flatten(partial_args, graph=False, context='tree-mode jit_partial')  # refuses aliases now
+  wrapped = JitWrapped(fun, in_shardings=in_shardings, out_shardings=out_shardings,
+                       static_argnums=static_argnums, static_argnames=static_argnames,
+                       donate_argnums=donate_argnums, donate_argnames=donate_argnames,
+                       keep_unused=keep_unused, device=device, backend=backend, inline=inline,
+                       graph=graph_mode, graph_updates=graph_updates)
+  return JitPartial(wrapped, partial_args)
+
+
+class JitPartial:
+  """What ``nnx.jit_partial`` returns: the jitted function with its first arguments bound."""
+
+  def __init__(self, wrapped: JitWrapped, partial_args: tuple):
+    functools.update_wrapper(self, wrapped.fun)
+    self.jitted = wrapped
+    self.partial_args = partial_args
+
+  def __call__(self, *args, **kwargs):
+    return self.jitted(*self.partial_args, *args, **kwargs)
+
+  def lower(self, *args, **kwargs) -> 'PartialLowered':
+    return PartialLowered(self.jitted.lower(*self.partial_args, *args, **kwargs),
+                          self.partial_args)
+
+
+class PartialLowered:
+  """A lowered ``jit_partial`` call; ``compile()`` takes the remaining arguments only."""
+
+  def __init__(self, lowered: Lowered, partial_args: tuple):
+    self._lowered, self._partial_args = lowered, partial_args
+
+  def compile(self, *args, **kwargs):
+    compiled = self._lowered.compile(*args, **kwargs)
+    return functools.partial(compiled, *self._partial_args)
+
+  def __getattr__(self, name):
+    return getattr(self._lowered, name)
+
+
+def _check_sharding_prefix(shardings, name: str, graph: bool) -> None:
+  """Shardings are prefixes of the arguments. In graph mode an object (Module, nnx.Dict, ...)
+  cannot be one (NNX refuses it); tree mode takes the object-shaped trees ``nnx.prefix`` makes
+  but not per-filter mappings (``StateSharding``)."""
+  leaves = jax.tree_util.tree_leaves(
+      shardings, is_leaf=lambda x: isinstance(x, (Pytree, Variable, StateSharding)))
+  for leaf in leaves:
+    if isinstance(leaf, Pytree) and graph:
+      raise ValueError(f'nnx.jit {name}: Graph nodes are not allowed as prefixes, got a '
+                       f'{type(leaf).__name__}. Pass shardings: one per argument, a '
+                       'StateSharding, a tree shaped like nnx.state(argument), or '
+                       'nnx.prefix(argument, {filter: sharding}).')
+    if isinstance(leaf, StateSharding) and not graph:
+      raise ValueError(f'nnx.jit {name}: in tree mode (graph=False) shardings cannot contain '
+                       '`StateSharding` objects; give a tree of shardings shaped like '
+                       'nnx.state(argument) (or nnx.prefix(argument, {filter: sharding}, '
+                       'graph=False)), or use graph=True.')
 
 
 def _user_specs(in_shardings, args: tuple, kwargs: dict, statics: frozenset) -> dict:
@@ -233,51 +367,44 @@ def _user_specs(in_shardings, args: tuple, kwargs: dict, statics: frozenset) -> 
                    'Give one entry per positional argument.')
 
 
-def _input_shardings(in_shardings, plan: prop.Plan, args, kwargs, graph: bool, statics):
+def _input_shardings(in_shardings, plan: prop.Plan, args, kwargs, statics):
   """``jax.jit`` in_shardings for the dynamic inputs, and the sharding of every graph leaf."""
   specs = _user_specs(in_shardings, args, kwargs, statics)
-  leaf_specs: list = [None] * len(plan.items)
-  groups = iter(plan_paths(plan, args, kwargs, graph) if prop.GRAPH in plan.kinds else ())
-  dyn = []
-  for (pos, _), kind in zip(prop._positions(args, kwargs), plan.kinds):
-    if kind == prop.STATIC_ARG:
-      continue
-    spec = specs.get(pos)
-    if kind == prop.GRAPH:
-      start, paths = next(groups)
-      resolved = leaf_shardings(spec, paths, plan.items[start:start + len(paths)],
-                                f'nnx.jit in_shardings[{pos}]')
-      leaf_specs[start:start + len(paths)] = resolved
-      dyn.append(resolved)
-    else:
-      dyn.append(spec)
-  return dyn, leaf_specs
+  return prop.input_specs(plan, specs.get, _leaf_sharding, 'shardings')
+
+
+def _leaf_sharding(spec, path: tuple, leaf, where: str = 'nnx.jit in_shardings'):
+  found, value = prop.object_prefix(spec, path, leaf)
+  if found:
+    return value
+  return leaf_shardings(spec, [path], [leaf], where)[0]
 
 
 def _inner_sharded(self: JitWrapped, leaf_specs: tuple, key: prop.CallKey, *inputs):
   """``JitWrapped._inner`` plus sharding constraints on the updates and the output."""
-  args, kwargs, in_leaves, inner_items = prop.rebuild(key, inputs)
-  out = self.fun(*args, **kwargs)
-  changed, values = prop.collect_updates(in_leaves, inner_items, keep=key.extra or ())
-  # an updated Variable keeps the sharding its argument came in with
-  values = [_constrained(v, leaf_specs[i]) for i, v in zip(changed, values)]
-  out_def, out_leaves = prop.flatten_output(out, graph=self.graph)
-  if self._out_shardings is not None:
-    paths = getattr(out_def, 'leaf_paths', None) or [()] * len(out_leaves)
-    specs = leaf_shardings(self._out_shardings, paths, out_leaves, 'nnx.jit out_shardings')
-    out_leaves = [_constrained(v, s) for v, s in zip(out_leaves, specs)]
-  return prop.Output(changed, out_def, values, out_leaves)
+  by_path = dict(zip(key.graphdef.leaf_paths, leaf_specs))
+  return prop.run(self.fun, key, inputs, graph=self.graph, graph_updates=self.graph_updates,
+                  keep=key.extra or (), name='jit',
+                  hook=functools.partial(_constrain_output, self, leaf_specs, by_path))
+
+
+def _constrain_output(self: JitWrapped, leaf_specs: tuple, by_path: dict,
+                      result: prop.Output) -> prop.Output:
+  """Updated Variables keep the sharding their argument came in with; outputs take
+  ``out_shardings``."""
+  values = result.values
+  if result.changed is not prop.RESTRUCTURED:
+    values = [_constrained(v, leaf_specs[i]) for i, v in zip(result.changed, values)]
+  where = prop.output_leaf_paths(result)
+  outs = [(p, v) for (is_arg, p), v in zip(where, result.out_leaves) if not is_arg]
+  out_specs = iter([None] * len(outs) if self._out_shardings is None else [
+      _leaf_sharding(self._out_shardings, p, v, 'nnx.jit out_shardings') for p, v in outs])
+  out_leaves = [_constrained(v, by_path.get(p) if is_arg else next(out_specs))
+                for (is_arg, p), v in zip(where, result.out_leaves)]
+  return prop.Output(result.changed, result.out_def, values, out_leaves)
 
 
 def _constrained(value, sharding):
   if sharding is None or not isinstance(value, jax.Array):
     return value
   return constrain(value, sharding)
-
-
-def _shift_static(options: dict) -> dict:
-  options = dict(options)
-  for name in ('static_argnums', 'donate_argnums'):
-    value = _as_tuple(options[name])
-    options[name] = tuple(i + 1 if i >= 0 else i for i in value) or None
-  return options

@@ -25,7 +25,7 @@ import jax
 from arbax import _settings
 from arbax.sharding import leaf_shardings, StateSharding  # noqa: F401  (re-exported name)
 from arbax.transforms import _propagate as prop
-from arbax.transforms.jit import plan_paths
+from arbax.variables import Variable
 
 __all__ = ['shard_map']
 
@@ -43,23 +43,11 @@ def _arg_specs(in_specs, n_args: int) -> tuple:
   return (in_specs,) * n_args
 
 
-def _call(f, mesh, in_specs, out_specs, axis_names, check_vma, graph, args):
+def _call(f, mesh, in_specs, out_specs, axis_names, check_vma, graph, graph_updates, args):
   plan = prop.make_plan(args, {}, graph=graph, context='tree-mode shard_map')
   key = plan.key
   specs = _arg_specs(in_specs, len(args))
-  groups = plan_paths(plan, args, {}, graph)
-  leaf_specs = [None] * len(plan.items)
-  dyn_specs = []
-  group_it = iter(groups)
-  for i, kind in enumerate(plan.kinds):
-    if kind == prop.GRAPH:
-      start, paths = next(group_it)
-      leaves = plan.items[start:start + len(paths)]
-      resolved = leaf_shardings(specs[i], paths, leaves, f'nnx.shard_map in_specs[{i}]')
-      leaf_specs[start:start + len(paths)] = resolved
-      dyn_specs.append(list(resolved))
-    else:
-      dyn_specs.append(specs[i])
+  dyn_specs, leaf_specs = prop.input_specs(plan, specs.__getitem__, _leaf_spec, 'specs')
 
   # jax.shard_map matches out_specs against the body's result only after the body ran, so the
   # spec lists are filled from inside the body, once the updates and output are known.
@@ -67,11 +55,21 @@ def _call(f, mesh, in_specs, out_specs, axis_names, check_vma, graph, args):
   output_specs: list = []
   static: dict = {}
 
+  by_path = dict(zip(key.graphdef.leaf_paths, leaf_specs))
+  # With graph updates the whole input state comes back, laid out by its in_specs (NNX).
+  keep = frozenset(i for i, item in enumerate(plan.items) if isinstance(item, Variable)) \
+      if graph and graph_updates else frozenset()
+
   def body(*inputs):
-    result = prop.run(f, key, inputs, graph=graph)
-    update_specs.extend(leaf_specs[i] for i in result.changed)
-    paths = _output_paths(result.out_def, len(result.out_leaves))
-    output_specs.extend(leaf_shardings(out_specs, paths, result.out_leaves, 'nnx.shard_map out_specs'))
+    result = prop.run(f, key, inputs, graph=graph, graph_updates=graph_updates, keep=keep,
+                      name='shard_map')
+    if result.changed is not prop.RESTRUCTURED:
+      update_specs.extend(leaf_specs[i] for i in result.changed)
+    where = prop.output_leaf_paths(result)
+    outs = [(p, v) for (is_arg, p), v in zip(where, result.out_leaves) if not is_arg]
+    resolved = iter(leaf_shardings(out_specs, [p for p, _ in outs], [v for _, v in outs],
+                                   'nnx.shard_map out_specs'))
+    output_specs.extend(by_path.get(p) if is_arg else next(resolved) for is_arg, p in where)
     static['changed'], static['out_def'] = result.changed, result.out_def
     return list(result.values), list(result.out_leaves)
 
@@ -82,11 +80,11 @@ def _call(f, mesh, in_specs, out_specs, axis_names, check_vma, graph, args):
   return prop.finish(plan, prop.Output(static['changed'], static['out_def'], values, out_leaves))
 
 
-def _output_paths(out_def, n: int) -> list:
-  leaf_paths = getattr(out_def, 'leaf_paths', None)
-  if leaf_paths is None:   # a bare array (or nothing): the output itself
-    return [()] * n
-  return list(leaf_paths)
+def _leaf_spec(spec, path: tuple, leaf):
+  found, value = prop.object_prefix(spec, path, leaf)
+  if found:
+    return value
+  return leaf_shardings(spec, [path], [leaf], 'nnx.shard_map in_specs')[0]
 
 
 def shard_map(f: tp.Callable | type[_Missing] = _Missing, *, mesh, in_specs, out_specs,
@@ -97,17 +95,21 @@ def shard_map(f: tp.Callable | type[_Missing] = _Missing, *, mesh, in_specs, out
   ``in_specs`` has one entry per positional argument (or one for all);
   ``out_specs`` is a prefix of the output. Use as ``@nnx.shard_map(mesh=..., ...)``.
   """
+  if f is not _Missing:
+    prop.refuse_bound_method(f, 'shard_map')
   if f is _Missing:
     return lambda fun: shard_map(fun, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
                                  axis_names=axis_names, check_vma=check_vma, graph=graph,
                                  graph_updates=graph_updates)
   graph = _settings.graph_mode(graph)
+  graph_updates = _settings.graph_updates(graph_updates)
 
   @functools.wraps(f)
   def mapped(*args, **kwargs):
     if kwargs:
       raise TypeError(f'nnx.shard_map-ed {getattr(f, "__name__", "function")} takes positional '
                       f'arguments only (in_specs are positional); got keywords {sorted(kwargs)}.')
-    return _call(f, mesh, in_specs, out_specs, frozenset(axis_names), check_vma, graph, args)
+    return _call(f, mesh, in_specs, out_specs, frozenset(axis_names), check_vma, graph,
+                 graph_updates, args)
 
   return mapped

@@ -253,6 +253,38 @@ def checkpoint_restores_onto_another_mesh():
   np.testing.assert_allclose(target.l1.kernel[...], model.l1.kernel[...])
 
 
+@check('sharding')
+def optimizer_sharding_splits_the_moments_not_the_params():
+  """ZeRO-style: params replicated, Adam's moments split by their `optimizer_sharding`."""
+  def build(**metadata):
+    return nnx.Linear(4, 8, kernel_metadata=metadata, rngs=nnx.Rngs(0))
+
+  with jax.set_mesh(MESH):
+    model = build(optimizer_sharding=('data', 'model'))
+    optimizer = nnx.Optimizer(model, optax.adam(0.1), wrt=nnx.Param)
+  assert model.kernel[...].sharding.is_equivalent_to(NamedSharding(MESH, P()), 2)
+  for moment in (optimizer.opt_state[0].mu, optimizer.opt_state[0].nu):
+    sharding = moment['kernel'][...].sharding
+    assert sharding.is_equivalent_to(NamedSharding(MESH, P('data', 'model')), 2), sharding
+    assert sharding.shard_shape((4, 8)) == (2, 2)
+
+  @nnx.jit
+  def step(model, optimizer, x):
+    optimizer.update(model, nnx.grad(lambda m: jnp.sum(m(x) ** 2))(model))
+
+  reference = build()   # the same training, unsharded
+  ref_opt = nnx.Optimizer(reference, optax.adam(0.1), wrt=nnx.Param)
+  with jax.set_mesh(MESH):
+    for _ in range(2):
+      step(model, optimizer, X)
+  for _ in range(2):
+    step(reference, ref_opt, X)
+  np.testing.assert_allclose(model.kernel[...], reference.kernel[...], rtol=1e-5, atol=1e-6)
+  assert int(optimizer.step[...]) == 2
+  mu = optimizer.opt_state[0].mu['kernel'][...]
+  assert mu.sharding.is_equivalent_to(NamedSharding(MESH, P('data', 'model')), 2), mu.sharding
+
+
 def _at(model, path):
   node = model
   for k in path:
