@@ -48,10 +48,12 @@ import socket
 import uuid
 
 import jax
+from jax.sharding import NamedSharding
 import numpy as np
 
 from arbax import api
 from arbax.errors import format_path
+from arbax.sharding import leaf_shardings
 from arbax.state import flat_dict, from_flat_state, restore_int_paths, to_pure_dict
 
 __all__ = ['save', 'restore', 'load_pure_dict', 'DestinationExistsError', 'MANIFEST']
@@ -579,8 +581,6 @@ def _is_abstract(state) -> bool:
 
 def _placements(target_state, shardings) -> dict:
   """Per path of the target: the sharding to restore onto (None: default device)."""
-  from jax.sharding import NamedSharding
-  from arbax.sharding import leaf_shardings
   flat = flat_dict(target_state)
   if shardings is not None:
     placed = leaf_shardings(shardings, list(flat), list(flat.values()), 'restore shardings')

@@ -465,7 +465,16 @@ def flatten(obj, *, graph: bool | None = None, prefix: tuple = (),
   nodes: list = list(known)
   seen: dict = {id(o): (i, ('<input>',)) for i, o in enumerate(known)}
 
-  def visit(x, path):
+  ref_paths: dict = {}
+
+  def raw_leaf(x, path):
+    leaves.append(x)
+    paths.append(path)
+    return LEAF_DEF
+
+  def visit(x, path, attribute=False):
+    # `attribute`: x is a Pytree's data attribute itself, where any value but None is a leaf
+    # (as JAX sees the Pytree); inside containers, graph mode keeps non-array values static.
     if isinstance(x, Variable):
       key = id(x)
       if key in seen:
@@ -498,11 +507,14 @@ def flatten(obj, *, graph: bool | None = None, prefix: tuple = (),
       if watch is not None:
         watch.append(d)
         watch.extend((d[k], snap) for k, snap in aux.mutable)
-      return (NODE, type(x), aux, tuple((k, visit(d[k], path + (k,))) for k in keys))
+      return (NODE, type(x), aux, tuple((k, visit(d[k], path + (k,), True)) for k in keys))
     if isinstance(x, ARRAY_TYPES):
-      leaves.append(x)
-      paths.append(path)
-      return LEAF_DEF
+      return raw_leaf(x, path)
+    if isinstance(x, jax.Ref):  # a mutable array: state, and shared like a Variable
+      first = ref_paths.setdefault(id(x), path)
+      if first is not path and not graph:
+        raise alias_error('Ref', path, first, context, obj=x)
+      return raw_leaf(x, path)
     t = type(x)
     if t is tuple or t is list:
       if t is list and watch is not None:
@@ -514,11 +526,11 @@ def flatten(obj, *, graph: bool | None = None, prefix: tuple = (),
       keys = tuple(sorted(x, key=_sort_key))
       return (MAP, t, keys, tuple(visit(x[k], path + (k,)) for k in keys))
     if x is None or isinstance(x, (int, float, complex, str, bool, type)) or callable(x):
-      return _static_def(x)
+      return raw_leaf(x, path) if attribute and x is not None else _static_def(x)
     children_with_keys, treedef = jax.tree_util.tree_flatten_with_path(
         x, is_leaf=lambda y: y is not x)
-    if treedef.num_leaves == 1 and treedef.num_nodes == 1:
-      return _static_def(x)  # an opaque leaf JAX does not know
+    if treedef.num_leaves == 1 and treedef.num_nodes == 1:  # an opaque leaf JAX does not know
+      return raw_leaf(x, path) if attribute else _static_def(x)
     if watch is not None and not isinstance(x, tuple):  # NamedTuples cannot change in place
       watch.append(x)
     keys = tuple(_key_of(kp[0]) for kp, _ in children_with_keys)

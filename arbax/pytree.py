@@ -402,6 +402,28 @@ def new_node(cls, aux: PytreeAux, children) -> 'Pytree':
   return obj
 
 
+class NodeTemplate(tp.NamedTuple):
+  """What every node of one structure is built from (``node_template``); builders keep one."""
+  values: dict        # ``__dict__`` to copy: attribute order, static values, data slots None
+  kinds: dict         # ``_arbax_kinds`` to copy
+  mutable: tuple      # ((name, snapshot), ...) of static lists / dicts: each node gets a copy
+  hook: tp.Any        # the class's after-unflatten hook, or None
+
+
+def node_template(cls, aux: PytreeAux) -> NodeTemplate:
+  """The template of nodes of class ``cls`` and structure ``aux`` (see ``NodeTemplate``).
+
+  A builder makes a node as ``new_node`` does, in steps (so children may refer back to it):
+  ``obj = object.__new__(cls)``, ``d = values.copy()``, ``d['_arbax_kinds'] = kinds.copy()``,
+  a copy of each ``mutable`` value, ``set_dict(obj, '__dict__', d)``, ``set_trace(obj,
+  trace)``, ``set_seen(obj, False)``, then the children, then ``hook(obj)``.
+  """
+  values, kinds = aux.template()
+  hook = cls._arbax_after_unflatten
+  return NodeTemplate(values, kinds, aux.mutable,
+                      None if hook is Pytree._arbax_after_unflatten else hook)
+
+
 _new = object.__new__
 _set_dict = object.__setattr__
 
@@ -541,6 +563,10 @@ class Object(Pytree, pytree=False):
 
 _set_trace = Pytree._arbax_trace.__set__
 _set_seen = Pytree._arbax_seen.__set__
+# For builders that make nodes step by step (see ``node_template``): the slot setters.
+set_dict = object.__setattr__
+set_trace = _set_trace
+set_seen = _set_seen
 
 
 def check_trace(obj: Pytree, name) -> None:

@@ -25,6 +25,7 @@ from jax.extend.core import get_opaque_trace_state
 
 from arbax import _settings, reprhook
 from arbax.errors import TraceContextError
+from arbax.placement import shard_new_value
 from arbax.hijax_variable import STORE_METADATA, HijaxVariable, adopt  # noqa: F401 (re-export)
 
 _GetAttrKey = jax.tree_util.GetAttrKey
@@ -185,8 +186,7 @@ class Variable:
     metadata['ref'] = defaults['ref'] if ref is None else bool(ref)
     metadata['eager_sharding'] = (settings.eager_sharding if eager_sharding is None
                                   else bool(eager_sharding))
-    if 'out_sharding' in metadata:  # sharding hook: eager placement on the mesh
-      from arbax.sharding import shard_new_value
+    if 'out_sharding' in metadata:  # eager placement on the mesh
       value = shard_new_value(value, metadata)
     object.__setattr__(self, '_value', value)
     object.__setattr__(self, '_meta', _make_meta(metadata))

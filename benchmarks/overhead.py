@@ -230,12 +230,12 @@ def main(argv=None):
   calls, rounds = (20, 5) if args.quick else (100, 15)
   x = jnp.ones((BATCH, WIDTH))
   y = jnp.zeros((BATCH, WIDTH))
-  print(f'\n## Per-call overhead of a jitted Adam train step\n')
+  print('\n## Per-call overhead of a jitted Adam train step\n')
   print(f'jax {jax.__version__}, {platform.processor() or platform.machine()}, '
         f'{jax.devices()[0].platform}, python {sys.version.split()[0]}, {C.load_text()}, '
         f'{time.strftime("%Y-%m-%d")}\n')
-  print(f'| variant | depth | us/call | ratio to raw |')
-  print(f'|---|---|---|---|')
+  print('| variant | depth | us/call | ratio to raw |')
+  print('|---|---|---|---|')
   results = {}
   summary = C.Summary('overhead')
   for depth in args.depths:

@@ -25,7 +25,11 @@ since its pauses grow with what a library keeps alive).
 
 The ``jaxpr eqns`` column counts the traced step's equations (nested ones
 included): more equations than raw means arbax adds work to the computation
-itself, not just to Python.
+itself, not just to Python. ``GC`` is the collector's share of trace + lower
+and its full collections: one costs 0.1-0.2 s in a process this size and lands
+in whichever phase crosses the collector's threshold, so the transformer rows
+also show trace + lower together and a second trace with the collector off
+(pure Python work).
 
 Goal: arbax (graph mode, the NNX default) <= 1.15x raw ``jax.jit`` on dicts,
 tracing (the ``trace`` column; lowering is shown beside it).
@@ -35,6 +39,7 @@ from __future__ import annotations
 import gc
 import sys
 import time
+import typing as tp
 
 import jax
 import jax.extend
@@ -84,16 +89,16 @@ def nnx_step_factory(lib, loss, **jit_kwargs):
 
 
 class Case:
-  """One model: its arbax instance, the raw dicts, the inputs and a warm-up copy."""
+  """One model: its arbax instance, the same arrays in dicts, the inputs, and how to build the
+  small copy that warms JAX's caches (``small_classes(lib)``)."""
 
   def __init__(self, name, classes, params_of, raw_forward, loss, inputs, small_classes, *,
                lower=True, tree_mode=True):
     self.name, self.classes, self.loss, self.inputs = name, classes, loss, inputs
     self.lower, self.tree_mode = lower, tree_mode
+    self.params_of, self.raw_forward, self.small_classes = params_of, raw_forward, small_classes
     self.model = classes(nnx)(rngs=nnx.Rngs(0))
     self.params = params_of(self.model)
-    self.raw_forward = raw_forward
-    self.small_classes = small_classes
 
 
 def count_eqns(jaxpr) -> int:
@@ -109,16 +114,58 @@ def count_eqns(jaxpr) -> int:
   return n
 
 
-def trace_and_lower(step, args, lower: bool = True) -> tuple[float, float, int]:
-  """CPU seconds of ``step.trace(*args)`` and of lowering it to MLIR (0 if not ``lower``), and
-  the jaxpr's size."""
-  start = time.process_time()
-  traced = step.trace(*args)
-  mid = time.process_time()
-  if lower:
-    traced.lower()
-  end = time.process_time()
-  return mid - start, end - mid, count_eqns(getattr(traced, 'traced', traced).jaxpr)
+class Sample(tp.NamedTuple):
+  trace: float      # CPU seconds of step.trace(*args)
+  lower: float      # CPU seconds of .lower() (0 when not lowered)
+  eqns: int         # equations of the traced jaxpr, nested ones included
+  gc_seconds: float  # of those seconds, spent in the garbage collector
+  full_gcs: int     # full (generation 2) collections during trace + lower
+  trace_no_gc: float  # CPU seconds of the same trace with the collector off
+
+
+class _GCClock:
+  """Time and count the collector's runs (``gc.callbacks``) while installed."""
+
+  def __init__(self):
+    self.seconds, self.full, self._start = 0.0, 0, 0.0
+
+  def __call__(self, phase, info):
+    if phase == 'start':
+      self._start = time.process_time()
+      self.full += info['generation'] == 2
+    else:
+      self.seconds += time.process_time() - self._start
+
+  def __enter__(self):
+    gc.callbacks.append(self)
+    return self
+
+  def __exit__(self, *exc):
+    gc.callbacks.remove(self)
+
+
+def trace_and_lower(fresh, lower: bool = True, no_gc: bool = True) -> Sample:
+  """Trace (and lower) a fresh step with the collector on, then trace another with it off."""
+  step, args = fresh()
+  gc.collect()  # every sample starts with no garbage pending; the collector stays on
+  with _GCClock() as clock:
+    start = time.process_time()
+    traced = step.trace(*args)
+    mid = time.process_time()
+    if lower:
+      traced.lower()
+    end = time.process_time()
+  eqns = count_eqns(getattr(traced, 'traced', traced).jaxpr)
+  del step, args, traced
+  no_gc_time = float('nan')
+  if no_gc:
+    step, args = fresh()
+    gc.collect()
+    with C.gc_paused():
+      t0 = time.process_time()
+      step.trace(*args)
+      no_gc_time = time.process_time() - t0
+  return Sample(mid - start, end - mid, eqns, clock.seconds, clock.full, no_gc_time)
 
 
 def variant_runners(case: Case, model, params, fnnx, fmodel):
@@ -144,15 +191,15 @@ def variant_runners(case: Case, model, params, fnnx, fmodel):
   return runners
 
 
-def measure(case: Case, fnnx, repeats: int) -> dict[str, list[tuple[float, float]]]:
+def measure(case: Case, fnnx, repeats: int) -> dict[str, list[Sample]]:
+  """variant -> one Sample per repeat."""
   small = case.small_classes(nnx)(rngs=nnx.Rngs(0))
   small_f = None
   if fnnx is not None:
     small_f = case.small_classes(fnnx)(rngs=fnnx.Rngs(0))
-  warm = variant_runners(case, small, case.params_of_small(small), fnnx, small_f)
+  warm = variant_runners(case, small, case.params_of(small), fnnx, small_f)
   for fresh in warm.values():  # JAX's per-shape caches, alike for all variants
-    step, args = fresh()
-    trace_and_lower(step, args, case.lower)
+    trace_and_lower(fresh, case.lower, no_gc=False)
   fmodel = None
   if fnnx is not None:
     fmodel = case.classes(fnnx)(rngs=fnnx.Rngs(0))
@@ -161,10 +208,7 @@ def measure(case: Case, fnnx, repeats: int) -> dict[str, list[tuple[float, float
   samples = {name: [] for name in runners}
   for _ in range(repeats):
     for name, fresh in runners.items():
-      step, args = fresh()
-      gc.collect()  # every sample starts with no garbage pending; the collector stays on
-      samples[name].append(trace_and_lower(step, args, case.lower))
-      del step, args
+      samples[name].append(trace_and_lower(fresh, case.lower, no_gc=case.lower))
   return samples
 
 
@@ -173,13 +217,11 @@ def cases(only):
   transformer = Case('transformer, 12 blocks (195 Variables)', M.transformer_classes,
                      M.transformer_params, M.raw_transformer, xent, (tokens, targets),
                      M.transformer_classes)
-  transformer.params_of_small = M.transformer_params
   x = jnp.ones((M.BATCH, M.WIDE_WIDTH))
   y = jnp.zeros((M.BATCH, M.WIDE_WIDTH))
   wide = Case(f'{M.WIDE_LAYERS} Linear layers ({2 * M.WIDE_LAYERS} Variables)', M.wide_classes,
               M.wide_params, M.raw_wide, mse, (x, y),
               lambda lib: M.wide_classes(lib, n_layers=50), lower=False, tree_mode=False)
-  wide.params_of_small = M.wide_params
   out = []
   if only in (None, 'transformer'):
     out.append(('transformer', transformer))
@@ -198,19 +240,27 @@ def main(argv=None) -> int:
   for key, case in cases(args.only):
     repeats = {'transformer': 3 if args.quick else 5, 'wide': 1 if args.quick else 2}[key]
     samples = measure(case, fnnx, repeats)
-    trace = {name: C.median([t for t, _, _ in s]) for name, s in samples.items()}
-    lower = {name: C.median([l for _, l, _ in s]) for name, s in samples.items()}
-    both = {name: C.median([t + l for t, l, _ in s]) for name, s in samples.items()}
-    for name, s in samples.items():
+    med = {name: {field: C.median([getattr(x, field) for x in s]) for field in Sample._fields}
+           for name, s in samples.items()}
+    both = {name: C.median([x.trace + x.lower for x in s]) for name, s in samples.items()}
+    trace = {name: m['trace'] for name, m in med.items()}
+    for name, m in med.items():
       goal = GOAL if name.startswith('arbax (graph') else None
-      rows.append((case.name, name, C.fmt_time(trace[name]),
-                   C.ratio_text(trace[name] / trace[RAW], goal), s[-1][2], C.fmt_time(lower[name]) if case.lower else '—',
-                   C.fmt_time(both[name]) if case.lower else '—',
-                   C.ratio_text(both[name] / both[RAW]) if case.lower else '—'))
+      lowered = ((C.fmt_time(m['lower']), C.fmt_time(both[name]),
+                  C.ratio_text(both[name] / both[RAW]),
+                  C.fmt_time(m['trace_no_gc']),
+                  C.ratio_text(m['trace_no_gc'] / med[RAW]['trace_no_gc']))
+                 if case.lower else ('—',) * 5)
+      rows.append((case.name, name, C.fmt_time(m['trace']),
+                   C.ratio_text(m['trace'] / trace[RAW], goal), samples[name][-1].eqns,
+                   f"{C.fmt_time(m['gc_seconds'])} ({m['full_gcs']:g} full)", *lowered))
     ours = 'arbax (graph mode: NNX default)'
+    note = f'{repeats} repeat(s)'
+    if case.lower:
+      note = (f'trace + lower: {both[ours] / both[RAW]:.2f}x; trace with GC off: '
+              f"{med[ours]['trace_no_gc'] / med[RAW]['trace_no_gc']:.2f}x; " + note)
     summary.add(f'tracing a train step, {case.name}', trace[ours], RAW, trace[RAW], goal=GOAL,
-                note=(f'trace + lower: {both[ours] / both[RAW]:.2f}x; ' if case.lower else '')
-                + f'{repeats} repeat(s)')
+                note=note)
     print(f'({case.name}: {repeats} repeat(s), {C.load_text()})')
     if args.profile:
       make = nnx_step_factory(nnx, case.loss)
@@ -220,8 +270,8 @@ def main(argv=None) -> int:
         m = nnx.clone(case.model)
         return make().trace(m, nnx.Optimizer(m, optax.adam(1e-3), wrt=nnx.Param), x, y).lower()
       C.profile(f'arbax trace + lower, {case.name}', once, number=1)
-  C.table(['model', 'variant', 'trace', 'ratio to raw', 'jaxpr eqns', 'lower', 'trace + lower',
-           'ratio to raw'], rows)
+  C.table(['model', 'variant', 'trace', 'ratio to raw', 'jaxpr eqns', 'GC in trace + lower',
+           'lower', 'trace + lower', 'ratio to raw', 'trace, GC off', 'ratio to raw'], rows)
   summary.write(args.summary)
   return 0
 

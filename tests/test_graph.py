@@ -309,3 +309,30 @@ def test_watch_compares_every_kind_of_container_with_its_copy():
   d['a'] = 2
   w.refresh()
   assert w.unchanged()
+
+
+def test_a_data_attribute_is_a_leaf_whatever_its_value():
+  class Counter(nnx.Pytree):
+    def __init__(self):
+      self.count = nnx.data(0)             # data: a leaf, as JAX sees it too
+      self.name = 'c'                      # static
+      self.items = nnx.data([1, jnp.ones(1)])  # inside a container, graph mode keeps 1 static
+
+  c = Counter()
+  assert jax.tree.leaves(c)[0] == 0
+  fl = graph.flatten(c, graph=True)
+  assert fl.paths == [('count',), ('items', 1)] and fl.leaves[0] == 0
+  state = nnx.state(c)
+  assert state['count'] == 0 and 'name' not in state
+  rebuilt = graph.unflatten(fl.graphdef, [5, jnp.zeros(1)])
+  assert rebuilt.count == 5 and rebuilt.items[0] == 1 and rebuilt.name == 'c'
+
+
+def test_jax_refs_are_leaves_and_tree_mode_refuses_sharing_one():
+  ref = jax.new_ref(jnp.array(1.0))
+  fl = graph.flatten([ref, ref], graph=True)
+  assert fl.paths == [(0,), (1,)] and fl.leaves[0] is ref is fl.leaves[1]
+  out = graph.unflatten(fl.graphdef, fl.leaves)
+  assert out[0] is out[1] is ref
+  with pytest.raises(ValueError, match=r'Ref at \[1\] was already seen at \[0\]'):
+    nnx.split([ref, ref], graph=False)

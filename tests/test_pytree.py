@@ -1,6 +1,9 @@
-"""Pytree: attribute classification, tree behaviour, markers, misuse errors, dataclass, List, Dict."""
+"""Pytree: attribute classification, tree behaviour, markers, misuse errors, dataclass, List, Dict,
+structural changes (through the API or behind it), copies and trace ownership."""
+import copy
 import functools
 import pickle
+import time
 
 import jax
 import jax.numpy as jnp
@@ -146,7 +149,8 @@ def test_array_on_a_static_marked_attribute_is_an_error_naming_it():
   class P(nnx.Pytree):
     def __init__(self):
       self.table = nnx.static({'w': [1, jnp.ones(2)]})
-  with pytest.raises(ValueError, match=r"\['w'\]\[1\].*static attribute 'table' of P.*nnx\.data"):
+  with pytest.raises(ValueError, match=r"annotated with nnx\.static.*attribute 'table' of .*P'>': "
+                                       r"\['w'\]\[1\] is data.*nnx\.data"):
     P()
 
 
@@ -438,3 +442,356 @@ def test_object_subclasses_are_single_leaves():
   o = O()
   assert isinstance(o, nnx.Pytree)
   assert jax.tree.leaves(o) == [o]
+
+
+# -- structural changes: every way one happens is seen ------------------------------
+class Scaled(nnx.Module):
+  def __init__(self, n_layers=1, scale=2.0):
+    self.layers = nnx.List([nnx.Linear(2, 2, rngs=nnx.Rngs(i)) for i in range(n_layers)])
+    self.scale = scale
+
+  def __call__(self, x):
+    for layer in self.layers:
+      x = layer(x)
+    return self.scale * x
+
+
+def _loss(m, x):
+  return jnp.sum(m(x) ** 2)
+
+
+MODES = pytest.mark.parametrize('mode', [False, True], ids=['tree', 'graph'])
+
+
+@MODES
+@pytest.mark.parametrize('empty', [lambda l: l.pop(), lambda l: l.__delitem__(slice(None)),
+                                   lambda l: l.__setitem__(slice(None), []),
+                                   lambda l: l.clear()], ids=['pop', 'del[:]', '[:]=[]', 'clear'])
+def test_emptying_a_list_a_transform_saw_drops_the_layer_everywhere(empty, mode):
+  m = Scaled(n_layers=1)
+  step = nnx.jit(lambda m, x: m(x), graph=mode)
+  x = jnp.ones(2)
+  np.testing.assert_allclose(step(m, x), m(x), rtol=1e-6)
+  assert set(nnx.state(m, graph=mode)['layers']) == {0}
+  empty(m.layers)
+  assert len(m.layers) == 0 and nnx.state(m, graph=mode) == {}
+  np.testing.assert_allclose(step(m, x), 2.0 * x)  # no stale layer in the cached plan
+  assert jax.tree.leaves(nnx.grad(_loss, graph=mode)(m, x)) == []
+
+
+WRITES = {
+    'object.__setattr__': lambda m, v: object.__setattr__(m, 'scale', v),
+    '__dict__': lambda m, v: m.__dict__.__setitem__('scale', v),
+    'vars().update': lambda m, v: vars(m).update(scale=v),
+}
+
+
+@MODES
+@pytest.mark.parametrize('write', WRITES.values(), ids=WRITES.keys())
+def test_writes_that_bypass_setattr_are_seen_by_plans_split_and_jax(write, mode):
+  m = Scaled(scale=2.0)
+  step = nnx.jit(lambda m, x: m(x), graph=mode)
+  x = jnp.ones(2)
+  np.testing.assert_allclose(step(m, x), m(x), rtol=1e-6)
+  nnx.split(m, graph=mode)  # cached
+  write(m, 3.0)
+  np.testing.assert_allclose(step(m, x), m(x), rtol=1e-6)
+  assert nnx.merge(*nnx.split(m, graph=mode)).scale == 3.0
+  assert jax.tree.map(lambda a: a, m).scale == 3.0
+  grads = nnx.grad(_loss, graph=mode)(m, x)
+  expected = jax.grad(lambda w: jnp.sum((3.0 * (x @ w + m.layers[0].bias[...])) ** 2))(
+      m.layers[0].kernel[...])
+  kernel_grad = nnx.state(grads, graph=mode)['layers'][0]['kernel']  # a State or, tree mode, a Module
+  np.testing.assert_allclose(nnx.as_pure(kernel_grad), expected, rtol=1e-5)
+
+
+def test_attributes_added_or_deleted_through_dict_are_classified_like_setattr():
+  m = Scaled()
+  nnx.state(m)
+  m.__dict__['extra'] = nnx.Param(jnp.ones(3))   # data, like `m.extra = ...`
+  object.__setattr__(m, 'tag', 'hello')          # static
+  assert nnx.state(m)['extra'] is m.extra
+  assert nnx.merge(*nnx.split(m)).tag == 'hello'
+  del m.__dict__['extra']
+  assert 'extra' not in nnx.state(m)
+
+
+class Grown(nnx.Module):
+  """Layers in a plain list that was empty when assigned."""
+
+  def __init__(self):
+    self.layers = []
+    self.layers.append(nnx.Linear(2, 3, rngs=nnx.Rngs(0)))
+    self.layers.append(nnx.Linear(3, 1, rngs=nnx.Rngs(1)))
+
+  def __call__(self, x):
+    for layer in self.layers:
+      x = layer(x)
+    return x
+
+
+@MODES
+def test_a_list_empty_when_assigned_and_filled_later_holds_parameters(mode, tmp_path):
+  m = Grown()
+  state = nnx.state(m, nnx.Param, graph=mode)
+  assert sorted(map(str, dict(state.flat_state()))) == [
+      "('layers', 0, 'bias')", "('layers', 0, 'kernel')",
+      "('layers', 1, 'bias')", "('layers', 1, 'kernel')"]
+  x = jnp.ones((4, 2))
+  loss_and_grads = nnx.jit(nnx.value_and_grad(_loss, graph=mode), graph=mode)
+  loss, grads = loss_and_grads(m, x)
+  eager_loss, eager_grads = nnx.value_and_grad(_loss, graph=mode)(m, x)
+  np.testing.assert_allclose(loss, eager_loss, rtol=1e-5)
+  g = dict(nnx.state(grads, graph=mode).flat_state())
+  assert len(g) == 4
+  for path, leaf in dict(nnx.state(eager_grads, graph=mode).flat_state()).items():
+    np.testing.assert_allclose(nnx.as_pure(g[path]), nnx.as_pure(leaf), rtol=1e-5)
+  # the weights are state, not constants: an update reaches the next jitted call
+  m.layers[1].kernel[...] = jnp.zeros((3, 1))
+  assert float(loss_and_grads(m, x)[0]) == float(jnp.sum(m(x) ** 2))
+  nnx.checkpoint.save(tmp_path / 'ckpt', m)
+  other = Grown()
+  nnx.checkpoint.restore(tmp_path / 'ckpt', other)
+  np.testing.assert_array_equal(other.layers[1].kernel[...], np.zeros((3, 1)))
+  np.testing.assert_array_equal(other.layers[0].kernel[...], m.layers[0].kernel[...])
+
+
+def test_a_static_list_filled_after_a_transform_saw_it_becomes_data():
+  m = Scaled()
+  m.extra = []
+  step = nnx.jit(lambda m: sum(jnp.sum(p[...]) for p in m.extra))
+  assert float(step(m)) == 0.0
+  m.extra.append(nnx.Param(jnp.ones(2)))  # in place: nothing was told
+  assert float(step(m)) == 2.0
+  assert nnx.state(m)['extra'][0] is m.extra[0]
+  m.extra[0][...] = jnp.full(2, 3.0)
+  assert float(step(m)) == 6.0  # a leaf of the state, not a constant baked into the trace
+
+
+def test_a_declared_static_container_that_gets_data_in_place_is_an_error_naming_it():
+  class Cfg(nnx.Module):
+    options: nnx.Static[list]
+
+    def __init__(self):
+      self.options = []
+
+  c = Cfg()
+  c.options.append(nnx.Param(jnp.ones(1)))
+  with pytest.raises(ValueError, match=r"Found unexpected data .* static attribute 'options'.*"
+                                       r"nnx.Data"):
+    nnx.state(c)
+
+
+class Encoder(nnx.Module, pytree=False):
+  def __init__(self):
+    self.layers = [nnx.Linear(2, 2, rngs=nnx.Rngs(0))]
+    self.head = nnx.Linear(2, 1, rngs=nnx.Rngs(1))
+    self.depth = 1
+
+  def __call__(self, x):
+    return self.head(self.layers[0](x))
+
+
+class Top(nnx.Module):
+  def __init__(self):
+    self.enc = Encoder()
+    self.count = nnx.BatchStat(jnp.array(0))
+
+
+def test_pytree_false_modules_are_graph_nodes_in_graph_mode(tmp_path):
+  t = Top()
+  state = nnx.state(t, nnx.Param)
+  assert set(state['enc']) == {'layers', 'head'} and state['enc']['head']['kernel'] is t.enc.head.kernel
+  x = jnp.ones((3, 2))
+
+  @nnx.jit
+  def train_step(t, x):
+    loss, grads = nnx.value_and_grad(lambda t: jnp.sum(t.enc(x) ** 2))(t)
+    t.count[...] += 1
+    return loss, grads
+
+  loss, grads = train_step(t, x)
+  np.testing.assert_allclose(loss, jnp.sum(t.enc(x) ** 2), rtol=1e-5)
+  eager = jax.grad(lambda k: jnp.sum((t.enc.layers[0](x) @ k + t.enc.head.bias[...]) ** 2))(
+      t.enc.head.kernel[...])
+  np.testing.assert_allclose(grads['enc']['head']['kernel'][...], eager, rtol=1e-5)
+  assert int(t.count[...]) == 1
+  copy_ = nnx.merge(*nnx.split(t))
+  assert type(copy_.enc) is Encoder and copy_.enc.depth == 1
+  nnx.checkpoint.save(tmp_path / 'ckpt', t)
+  other = Top()
+  nnx.checkpoint.restore(tmp_path / 'ckpt', other)
+  np.testing.assert_array_equal(other.enc.layers[0].kernel[...], t.enc.layers[0].kernel[...])
+  assert int(other.count[...]) == 1
+
+
+def test_pytree_false_modules_are_refused_in_tree_mode_naming_the_path():
+  with pytest.raises(ValueError, match=r"'Encoder' instance that has pytree=False. Found at path: "
+                                       r"\.enc.*graph=True"):
+    nnx.state(Top(), graph=False)
+
+
+def test_copy_copy_is_shallow_and_independent():
+  m = Scaled()
+  nnx.state(m)
+  c = copy.copy(m)
+  assert c.layers is m.layers and c.scale == m.scale  # shallow: the same children
+  c.layers = None  # static on the copy
+  c.extra = nnx.Param(jnp.ones(1))
+  del c.scale
+  m.scale = 5.0  # any attribute set on the original after editing the copy
+  assert set(nnx.state(m)['layers'][0]) == {'kernel', 'bias'} and set(nnx.state(c)) == {'extra'}
+  assert nnx.merge(*nnx.split(m)).scale == 5.0 and not hasattr(nnx.merge(*nnx.split(c)), 'scale')
+
+
+def test_copy_deepcopy_is_independent_all_the_way_down():
+  m = Scaled()
+  nnx.state(m)
+  d = copy.deepcopy(m)
+  assert d.layers[0].kernel is not m.layers[0].kernel
+  np.testing.assert_array_equal(d.layers[0].kernel[...], m.layers[0].kernel[...])
+  d.layers.append(nnx.Linear(2, 2, rngs=nnx.Rngs(5)))
+  m.scale = 4.0
+  assert len(m.layers) == 1 and set(nnx.state(m)['layers']) == {0}
+  assert set(nnx.state(d)['layers']) == {0, 1}
+
+
+class WithStats(nnx.Module):
+  def __init__(self):
+    self.stats = nnx.State({'a': nnx.BatchStat(jnp.ones(2))})
+
+
+def test_a_state_attribute_edited_in_place_is_in_state_split_and_checkpoints(tmp_path):
+  m = WithStats()
+  assert set(nnx.state(m)['stats']) == {'a'}
+  nnx.checkpoint.save(tmp_path / 'first', m)
+  m.stats['b'] = nnx.BatchStat(jnp.zeros(2))
+  assert set(nnx.state(m)['stats']) == {'a', 'b'}
+  graphdef, state = nnx.split(m)
+  assert set(state['stats']) == {'a', 'b'} and nnx.merge(graphdef, state).stats['b'] is m.stats['b']
+  assert float(nnx.jit(lambda m: jnp.sum(m.stats['a'][...]) + jnp.sum(m.stats['b'][...]))(m)) == 2.0
+  nnx.checkpoint.save(tmp_path / 'second', m)
+  assert set(nnx.checkpoint.load_pure_dict(tmp_path / 'second')['stats']) == {'a', 'b'}
+
+
+class Doubler(Scaled):
+  def __call__(self, x):
+    return 2 * super().__call__(x)
+
+
+def test_assigning_class_changes_the_class_and_the_structure():
+  m = Scaled()
+  x = jnp.ones(2)
+  step = nnx.jit(lambda m, x: m(x))
+  before = step(m, x)
+  m.__class__ = Doubler
+  assert type(m) is Doubler and '__class__' not in vars(m)
+  assert type(nnx.merge(*nnx.split(m))) is Doubler
+  np.testing.assert_allclose(step(m, x), 2 * before, rtol=1e-6)
+
+
+# -- trace ownership -------------------------------------------------------------
+def test_assigning_to_a_pytree_from_a_trace_it_does_not_belong_to_raises():
+  m = Scaled()
+  with pytest.raises(nnx.errors.TraceContextError, match=r"Cannot mutate 'Scaled' from different "
+                                                        r"trace level: attribute 'bias'"):
+    jax.jit(lambda x: setattr(m, 'bias', nnx.Param(x)))(jnp.ones(2))
+  with pytest.raises(nnx.errors.TraceContextError, match="attribute 'scale'"):
+    jax.jit(lambda x: setattr(m, 'scale', 3.0))(jnp.ones(2))
+  with pytest.raises(nnx.errors.TraceContextError, match="'layers'"):
+    jax.jit(lambda x: delattr(m, 'layers'))(jnp.ones(2))
+  with pytest.raises(nnx.errors.TraceContextError, match="'List'"):
+    jax.jit(lambda x: m.layers.append(nnx.Linear(2, 2, rngs=nnx.Rngs(0))))(jnp.ones(2))
+  assert not hasattr(m, 'bias') and len(m.layers) == 1 and m.scale == 2.0  # unharmed
+  np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(m, jnp.ones(2)), m(jnp.ones(2)), rtol=1e-6)
+
+
+def test_objects_may_be_mutated_in_the_trace_that_made_or_rebuilt_them():
+  @jax.jit
+  def inside(x):
+    m = Scaled()  # created in this trace: belongs to it
+    m.bias = nnx.Param(x)
+    return m.bias[...] * m.scale
+
+  np.testing.assert_allclose(inside(jnp.ones(2)), [2.0, 2.0])
+
+  @nnx.jit
+  def grow(m, x):
+    m.scale = 3.0  # the transform's rebuilt copy: allowed, the change comes back out
+    return m(x)
+
+  m = Scaled()
+  grow(m, jnp.ones(2))
+  assert m.scale == 3.0
+
+  @jax.jit
+  def through_jax(m, x):  # jax.jit rebuilds the Pytree argument inside its trace
+    m.scale = 4.0
+    return m(x)
+
+  through_jax(m, jnp.ones(2))
+  assert m.scale == 3.0
+
+
+# -- containers at scale --------------------------------------------------------------
+def test_list_length_and_indexing_take_constant_time():
+  big = nnx.List([nnx.Param(jnp.zeros(())) for _ in range(10_000)])
+  start = time.perf_counter()
+  for i in range(1000):
+    assert big[i * 7] is big[i * 7 - 10_000]
+    len(big)
+  assert time.perf_counter() - start < 0.1  # was ~0.5 s: each access counted the items
+  big.append(1)
+  assert len(big) == 10_001 and big.pop() == 1 and len(big) == 10_000
+
+
+def test_list_mutators_match_python_lists():
+  ref = [0, 1, 2, 3]
+  lst = nnx.List(ref)
+  for op in (lambda l: l.insert(1, 9), lambda l: l.remove(2), lambda l: l.reverse(),
+             lambda l: l.__delitem__(0), lambda l: l.__iadd__([7, 8]), lambda l: l.pop(1),
+             lambda l: l.__setitem__(slice(0, 2), [5]), lambda l: l.extend(l)):
+    op(ref)
+    op(lst)
+    assert list(lst) == ref and len(lst) == len(ref)
+  assert lst.count(7) == ref.count(7) and list(reversed(lst)) == ref[::-1]
+  lst.clear()
+  assert len(lst) == 0
+  with pytest.raises(IndexError):
+    lst.pop()
+
+
+# -- the epoch: one place decides when caches are invalidated ---------------------------
+EDITS = {
+    'setattr': lambda m: setattr(m, 'scale', 7.0),
+    'delattr': lambda m: delattr(m, 'scale'),
+    'class': lambda m: setattr(m, '__class__', Doubler),
+    'List.append': lambda m: m.layers.append(1),
+    'List.pop': lambda m: m.layers.pop(),
+    'List[:] = []': lambda m: m.layers.__setitem__(slice(None), []),
+    'List[0] =': lambda m: m.layers.__setitem__(0, 1),
+    'List.insert': lambda m: m.layers.insert(0, 1),
+    'Dict[k] =': lambda m: m.table.__setitem__('k', 1),
+    'del Dict[k]': lambda m: m.table.__delitem__('a'),
+    'Dict.clear': lambda m: m.table.clear(),
+}
+
+
+@pytest.mark.parametrize('edit', EDITS.values(), ids=EDITS.keys())
+def test_every_structural_edit_of_a_seen_object_bumps_the_epoch_and_only_then(edit):
+  from arbax import _settings
+
+  def make():
+    m = Scaled()
+    m.table = nnx.Dict(a=nnx.Param(jnp.ones(1)))
+    return m
+
+  fresh = make()
+  before = _settings.EPOCH[0]
+  edit(fresh)  # never flattened by a cache: nothing depends on it
+  assert _settings.EPOCH[0] == before
+  seen = make()
+  nnx.state(seen)
+  before = _settings.EPOCH[0]
+  edit(seen)
+  assert _settings.EPOCH[0] > before

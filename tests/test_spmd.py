@@ -2,8 +2,6 @@
 
 Eight-device checks of the same functions: tests/sharding_scripts/mesh_checks.py.
 """
-import ast
-import inspect
 
 import jax
 import jax.numpy as jnp
@@ -76,16 +74,6 @@ def test_spmd_module_offers_nnx_names():
     assert getattr(nnx.spmd, name) is getattr(spmd, name)
   assert nnx.spmd.get_partition_spec is nnx.get_partition_spec
   assert nnx.PARTITION_NAME == 'partition_name'
-
-
-def test_sharding_module_imports_nothing_above_variables():
-  tree = ast.parse(inspect.getsource(sharding))
-  imported = {node.module for node in ast.walk(tree)
-              if isinstance(node, ast.ImportFrom) and node.module.startswith('arbax')}
-  imported |= {f'arbax.{alias.name}' for node in ast.walk(tree)
-               if isinstance(node, ast.ImportFrom) and node.module == 'arbax'
-               for alias in node.names}
-  assert imported <= {'arbax', 'arbax.filters', 'arbax.errors', 'arbax.variables', 'arbax.state'}, imported
 
 
 # -- add_axis / remove_axis ---------------------------------------------------------

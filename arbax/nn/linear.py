@@ -14,6 +14,7 @@ and parameters together (see ``arbax.nn.dtypes.promote_dtype``).
 """
 from __future__ import annotations
 
+import functools
 import math
 import string
 import typing as tp
@@ -46,6 +47,18 @@ def _dot_general_call(fn, lhs, rhs, dimension_numbers, *, precision, preferred_e
   if out_sharding is not None:
     kwargs['out_sharding'] = out_sharding
   return fn(lhs, rhs, dimension_numbers, precision=precision, **kwargs)
+
+
+def _add_bias(y, bias, shape: tuple[int, ...]):
+  """``y + bias`` with ``bias`` laid out as ``shape`` (its axes with size-1 axes between).
+
+  When ``shape`` only adds leading size-1 axes, broadcasting does the same and
+  no reshape is dispatched.
+  """
+  lead = len(shape) - bias.ndim
+  if lead < 0 or shape[lead:] != bias.shape or any(d != 1 for d in shape[:lead]):
+    bias = jnp.reshape(bias, shape)
+  return y + bias
 
 
 def _init_reshaped(init, key, flat_shape, shape, dtype):
@@ -102,14 +115,19 @@ class Linear(Module):
   def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
     bias = self.bias[...] if self.bias is not None else None
     inputs, kernel, bias = self.promote_dtype((inputs, self.kernel[...], bias), dtype=self.dtype)
-    y = _dot_general_call(self.dot_general, inputs, kernel,
-                          (((inputs.ndim - 1,), (0,)), ((), ())),
-                          precision=self.precision,
-                          preferred_element_type=self.preferred_element_type,
-                          out_sharding=out_sharding)
-    if bias is not None:
-      y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
-    return y
+    if (self.dot_general is lax.dot_general and self.precision is None
+        and self.preferred_element_type is None and out_sharding is None and inputs.ndim):
+      # The same contraction through jnp.matmul, a jitted function: one C++ dispatch
+      # eagerly, and its trace and derivatives are cached per shape under a transform.
+      y = jnp.matmul(inputs, kernel)
+    else:
+      y = _dot_general_call(self.dot_general, inputs, kernel,
+                            (((inputs.ndim - 1,), (0,)), ((), ())),
+                            precision=self.precision,
+                            preferred_element_type=self.preferred_element_type,
+                            out_sharding=out_sharding)
+    # bias (out_features,) broadcasts along the last axis: no reshape needed.
+    return y if bias is None else y + bias
 
 
 class LinearGeneral(Module):
@@ -192,8 +210,7 @@ class LinearGeneral(Module):
     if bias is not None:
       # Output layout: batch axes, the free input axes, then the feature axes.
       n_free = ndim - n_batch - len(axis)
-      shape = bias.shape[:n_batch] + (1,) * n_free + bias.shape[n_batch:]
-      y = y + jnp.reshape(bias, shape)
+      y = _add_bias(y, bias, bias.shape[:n_batch] + (1,) * n_free + bias.shape[n_batch:])
     return y
 
 
@@ -229,6 +246,7 @@ def _expand_ellipses(einsum_str: str, lhs_ndim: int, rhs_ndim: int) -> tuple[str
           out.replace('...', fill))
 
 
+@functools.lru_cache(maxsize=256)
 def _bias_broadcast_shape(einsum_str: str, input_ndim: int, kernel_shape) -> tuple[int, ...]:
   """Where the bias sits in the output: output axes that come from the kernel keep their size."""
   _, kernel_letters, out = _expand_ellipses(einsum_str, input_ndim, len(kernel_shape))
@@ -284,7 +302,7 @@ class Einsum(Module):
       kwargs['out_sharding'] = out_sharding
     y = self.einsum_op(einsum_str, inputs, kernel, **kwargs)
     if bias is not None:
-      y = y + jnp.reshape(bias, _bias_broadcast_shape(einsum_str, inputs.ndim, kernel.shape))
+      y = _add_bias(y, bias, _bias_broadcast_shape(einsum_str, inputs.ndim, kernel.shape))
     return y
 
 

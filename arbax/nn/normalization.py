@@ -29,7 +29,7 @@ from jax import lax
 from arbax import filters as filterlib
 from arbax.module import Module
 from arbax.nn import initializers
-from arbax.nn.dtypes import canonicalize_dtype, promote_dtype as _promote_dtype
+from arbax.nn.dtypes import canonicalize_dtype, promote_dtype as _promote_dtype, uncast_dtype
 from arbax.variables import BatchStat, Param, Variable
 
 _EMPTY: tp.Mapping[str, tp.Any] = {}
@@ -46,8 +46,9 @@ def _abs_sq(x):
 
 
 def _compute_stats(x, axes, dtype=None, *, axis_name=None, axis_index_groups=None,
-                   use_mean: bool = True, use_fast_variance: bool = True, mask=None):
-  """Mean and (biased) variance of ``x`` over ``axes`` (dropped), in at least float32.
+                   use_mean: bool = True, use_fast_variance: bool = True, mask=None,
+                   keepdims: bool = False):
+  """Mean and (biased) variance of ``x`` over ``axes``, in at least float32.
 
       >>> import jax.numpy as jnp
       >>> mean, var = _compute_stats(jnp.array([[1.0, 3.0], [2.0, 6.0]]), (1,))
@@ -55,17 +56,22 @@ def _compute_stats(x, axes, dtype=None, *, axis_name=None, axis_index_groups=Non
       ([2.0, 4.0], [1.0, 4.0])
 
   Both are ``jnp.mean`` reductions (``where=mask``), so the numbers are the
-  ones a plain ``x.mean(axes)`` gives. ``use_fast_variance`` takes
+  ones a plain ``x.mean(axes)`` gives; ``keepdims`` keeps the reduced axes
+  (size 1), ready to broadcast against ``x``. ``use_fast_variance`` takes
   ``E[|x|^2] - |E[x]|^2`` (one pass, clipped at 0) instead of
-  ``E[|x - E[x]|^2]``; ``use_mean=False`` gives a zero mean and ``E[|x|^2]``
-  (RMSNorm). With ``axis_name`` each device's means are averaged (``pmean``)
-  across that axis in one collective.
+  ``E[|x - E[x]|^2]``; ``use_mean=False`` gives no mean (``None``: nothing
+  to subtract) and ``E[|x|^2]`` (RMSNorm). With ``axis_name`` each device's
+  means are averaged (``pmean``) across that axis in one collective.
   """
-  dtype = jnp.promote_types(jnp.result_type(x) if dtype is None else dtype, jnp.float32)
-  x = jnp.asarray(x, dtype)
+  strong = isinstance(x, jax.Array) and not x.weak_type
+  if dtype is None:
+    dtype = x.dtype if strong else jnp.result_type(x)
+  dtype = jnp.promote_types(dtype, jnp.float32)
+  if not (strong and x.dtype == dtype):  # a cast to its own dtype would give x again
+    x = jnp.asarray(x, dtype)
 
   def means(*values):
-    local = [jnp.mean(v, axes, where=mask) for v in values]
+    local = [jnp.mean(v, axes, where=mask, keepdims=keepdims) for v in values]
     if axis_name is None:
       return local
     averaged = lax.pmean(jnp.stack(local), axis_name, axis_index_groups=axis_index_groups)
@@ -73,13 +79,13 @@ def _compute_stats(x, axes, dtype=None, *, axis_name=None, axis_index_groups=Non
 
   if not use_mean:
     (var,) = means(_abs_sq(x))
-    return jnp.zeros_like(var), var
+    return None, var
   if use_fast_variance:
     mean, mean2 = means(x, _abs_sq(x))
     # Rounding can make the difference slightly negative; clip so rsqrt stays finite.
     return mean, jnp.maximum(0.0, mean2 - _abs_sq(mean))
   (mean,) = means(x)
-  (var,) = means(_abs_sq(x - jnp.expand_dims(mean, axes)))
+  (var,) = means(_abs_sq(x - (mean if keepdims else jnp.expand_dims(mean, axes))))
   return mean, var
 
 
@@ -87,25 +93,37 @@ def _feature_shape(x_shape, feature_axes) -> tuple[int, ...]:
   return tuple(d if i in feature_axes else 1 for i, d in enumerate(x_shape))
 
 
+def _laid_out(a, shape: tuple[int, ...]):
+  """``a`` reshaped to ``shape``, or ``a`` itself when broadcasting lines it up the same way
+  (``shape`` is ``a``'s shape with leading size-1 axes): no reshape op is dispatched."""
+  lead = len(shape) - a.ndim
+  if lead < 0 or tuple(shape[lead:]) != a.shape or any(d != 1 for d in shape[:lead]):
+    return jnp.reshape(a, shape)
+  return a
+
+
 def _normalize(x, mean, var, scale, bias, reduction_axes, feature_axes, *, epsilon, dtype):
   """``(x - mean) * (rsqrt(var + eps) * scale) + bias``, cast to the output dtype.
 
-  ``mean`` / ``var`` lack the ``reduction_axes``; ``scale`` / ``bias`` lie along
-  ``feature_axes``. The output dtype is ``dtype``, else that of ``x``, ``scale``
-  and ``bias`` promoted together.
+  ``mean`` / ``var`` lack the ``reduction_axes`` (or keep them with size 1;
+  ``mean=None``: nothing is subtracted); ``scale`` / ``bias`` lie along
+  ``feature_axes``. The output dtype is ``dtype``, else that of ``x``,
+  ``scale`` and ``bias`` promoted together.
   """
   stats_shape = tuple(1 if i in reduction_axes else d for i, d in enumerate(x.shape))
   feature_shape = _feature_shape(x.shape, feature_axes)
-  y = x - jnp.reshape(mean, stats_shape)
-  mul = lax.rsqrt(jnp.reshape(var, stats_shape) + epsilon)
+  y = x if mean is None else x - _laid_out(mean, stats_shape)
+  mul = lax.rsqrt(_laid_out(var, stats_shape) + epsilon)
   present = [x]
   if scale is not None:
-    mul = mul * jnp.reshape(scale, feature_shape)
+    mul = mul * _laid_out(scale, feature_shape)
     present.append(scale)
   y = y * mul
   if bias is not None:
-    y = y + jnp.reshape(bias, feature_shape)
+    y = y + _laid_out(bias, feature_shape)
     present.append(bias)
+  if uncast_dtype(y, *present, dtype=dtype) is not None:
+    return y  # already in the output dtype
   return jnp.asarray(y, canonicalize_dtype(*present, dtype=dtype))
 
 
@@ -184,12 +202,9 @@ class BatchNorm(Module):
                                  axis_index_groups=self.axis_index_groups,
                                  use_fast_variance=self.use_fast_variance, mask=mask)
       # The running averages are bookkeeping, not part of the function being differentiated.
-      m = self.momentum
-      stats_shape = self.mean.shape
-      self.mean[...] = lax.stop_gradient(
-          m * self.mean[...] + (1 - m) * jnp.reshape(mean, stats_shape))
-      self.var[...] = lax.stop_gradient(
-          m * self.var[...] + (1 - m) * jnp.reshape(var, stats_shape))
+      m, shape = self.momentum, self.mean.shape
+      self.mean[...] = lax.stop_gradient(m * self.mean[...] + (1 - m) * _laid_out(mean, shape))
+      self.var[...] = lax.stop_gradient(m * self.var[...] + (1 - m) * _laid_out(var, shape))
     return _normalize(x, mean, var, scale, bias, reduction_axes, feature_axes,
                       epsilon=self.epsilon, dtype=self.dtype)
 
@@ -242,7 +257,8 @@ class LayerNorm(Module):
     reduction_axes = _axes(self.reduction_axes, x.ndim)
     mean, var = _compute_stats(x, reduction_axes, self.dtype, axis_name=self.axis_name,
                                axis_index_groups=self.axis_index_groups,
-                               use_fast_variance=self.use_fast_variance, mask=mask)
+                               use_fast_variance=self.use_fast_variance, mask=mask,
+                               keepdims=True)
     return _normalize(x, mean, var, scale, bias, reduction_axes,
                       _axes(self.feature_axes, x.ndim), epsilon=self.epsilon, dtype=self.dtype)
 
@@ -275,7 +291,7 @@ class RMSNorm(Module):
     reduction_axes = _axes(self.reduction_axes, x.ndim)
     mean, var = _compute_stats(x, reduction_axes, self.dtype, axis_name=self.axis_name,
                                axis_index_groups=self.axis_index_groups, use_mean=False,
-                               mask=mask)
+                               mask=mask, keepdims=True)
     return _normalize(x, mean, var, scale, None, reduction_axes,
                       _axes(self.feature_axes, x.ndim), epsilon=self.epsilon, dtype=self.dtype)
 
@@ -393,7 +409,8 @@ class InstanceNorm(Module):
                                         dtype=self.dtype)
     mean, var = _compute_stats(x, reduction_axes, self.dtype, axis_name=self.axis_name,
                                axis_index_groups=self.axis_index_groups,
-                               use_fast_variance=self.use_fast_variance, mask=mask)
+                               use_fast_variance=self.use_fast_variance, mask=mask,
+                               keepdims=True)
     return _normalize(x, mean, var, scale, bias, reduction_axes, feature_axes,
                       epsilon=self.epsilon, dtype=self.dtype)
 

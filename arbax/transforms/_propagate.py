@@ -31,7 +31,7 @@ import weakref as _weakref
 import jax
 import numpy as np
 
-from arbax import _settings
+from arbax import _settings, _structure
 from arbax.errors import AliasError, format_path
 from arbax.graph import (GraphDef, LEAF_DEF, flatten, unflatten, iter_defs, STATIC, LEAF, REF,
                          VAR, NODE, SEQ, MAP, JAXNODE, ARRAY_TYPES)
@@ -111,7 +111,7 @@ class Plan:
   """
 
   __slots__ = ('key', 'epoch', 'graph_objs', 'items', 'groups', 'kinds', 'positions', 'slots',
-               '_node_refs', '__weakref__')
+               '_node_refs', '__weakref__', 'watch')
 
   def __init__(self, key, epoch, graph_objs, items, groups, kinds, positions, nodes=()):
     self.key = key
@@ -121,6 +121,7 @@ class Plan:
     self.kinds = kinds             # per argument position: PLAIN / GRAPH / STATIC_ARG
     self.positions = tuple(positions)  # per argument: its int index or keyword name
     self._node_refs = tuple(_weak(n) for n in nodes)
+    self.watch = _NO_WATCH         # set by make_plan: the containers whose copies it compares
     # ((position, weak reference), ...) checked by identity; None: re-plan every call
     self.graph_objs = None if graph_objs is None else tuple(
         (pos, _weak(obj, self._release_callback())) for pos, obj in graph_objs)
@@ -141,6 +142,7 @@ class Plan:
     self.items = []
     self.slots = ()
     self._node_refs = ()
+    self.watch = _NO_WATCH
 
   @property
   def nodes(self) -> list:
@@ -189,7 +191,7 @@ class Plan:
 
   def _write_raw(self, raw: list) -> None:
     parents = raw_leaf_parents(self.key.graphdef)
-    valid = self.epoch == _settings.EPOCH[0]
+    valid = self.epoch == _settings.EPOCH[0] and self.watch.unchanged()
     nodes = self.nodes
     for i, value in raw:
       node_index, name = parents[i]
@@ -202,6 +204,7 @@ class Plan:
     self.slots = self._slots()
     if valid:  # the attribute assignments bumped the epoch for every other cache, not this one
       self.epoch = _settings.EPOCH[0]
+      self.watch.refresh()
 
 
 class _Strong:
@@ -263,9 +266,10 @@ def make_plan(args: tuple, kwargs: dict, *, graph: bool, static_positions: froze
       graph_objs.append((pos, value))
     else:
       kinds.append(PLAIN)
+  containers: list = []
   try:
     fl = flatten((tuple(graph_args[0]), graph_args[1]), graph=graph, context=context,
-                 mark_seen=True)
+                 mark_seen=True, watch=containers)
   except AliasError as e:
     raise argument_alias_error(e, context) from None
   # group boundaries: leaves are in traversal order, positional args first, then sorted kwargs
@@ -281,8 +285,16 @@ def make_plan(args: tuple, kwargs: dict, *, graph: bool, static_positions: froze
   identity = tuple((pos, value) for pos, value in graph_objs if isinstance(value, (Pytree, Variable)))
   if len(identity) != len(graph_objs):
     identity = None  # a container holding objects: re-walk every call
-  return Plan(key, _settings.EPOCH[0], identity, fl.leaves, groups, tuple(kinds),
+  watch = _structure.Watch(containers)
+  if identity is not None and watch.keeps_alive([obj for _, obj in identity]):
+    identity = None  # a cycle back to an argument: a kept watch would keep it alive
+  plan = Plan(key, _settings.EPOCH[0], identity, fl.leaves, groups, tuple(kinds),
               [pos for pos, _ in entries], fl.nodes)
+  plan.watch = watch
+  return plan
+
+
+_NO_WATCH = _structure.Watch()
 
 
 def leaf_occurrences(plan: Plan) -> list[tuple[int, tuple]]:
@@ -531,7 +543,25 @@ def plan_still_valid(plan: Plan | None, args: tuple, kwargs: dict) -> bool:
     v = kwargs[name]
     if not _is_plain_fast(v) and holds_graph(v) and not any(p == name for p, _ in plan.graph_objs):
       return False
+  if not plan.watch.unchanged():  # a change made behind Pytree.__setattr__, or in a plain container
+    return False
+  if _structure.checking():
+    _check_plan(plan, args, kwargs)
   return True
+
+
+def _check_plan(plan: Plan, args: tuple, kwargs: dict) -> None:
+  """Check mode: walk the graph arguments again, as make_plan did, and compare with the plan."""
+  positional, named = [None] * len(args), {}
+  for pos, kind in zip(plan.positions, plan.kinds):
+    if kind == GRAPH:
+      if isinstance(pos, int):
+        positional[pos] = args[pos]
+      else:
+        named[pos] = kwargs[pos]
+  fresh = flatten((tuple(positional), named), graph=plan.key.graphdef.graph, context='cache check')
+  _structure.verify('a cached transform plan', plan.key.graphdef, plan.items, fresh.graphdef,
+                    fresh.leaves, fresh.paths)
 
 
 def _equal(a, b) -> bool:

@@ -374,10 +374,17 @@ def _input_shardings(in_shardings, plan: prop.Plan, args, kwargs, statics):
 
 
 def _leaf_sharding(spec, path: tuple, leaf, where: str = 'nnx.jit in_shardings'):
-  found, value = prop.object_prefix(spec, path, leaf)
-  if found:
-    return value
-  return leaf_shardings(spec, [path], [leaf], where)[0]
+  """The sharding of one leaf from a prefix: tuples / lists are followed by position down to an
+  object-shaped prefix (``nnx.prefix``) or a sharding tree that ``leaf_shardings`` reads."""
+  while True:
+    found, value = prop.object_prefix(spec, path, leaf)
+    if found:
+      return value
+    if (type(spec) in (tuple, list) and path and isinstance(path[0], int)
+        and path[0] < len(spec)):
+      spec, path = spec[path[0]], path[1:]
+      continue
+    return leaf_shardings(spec, [path], [leaf], where)[0]
 
 
 def _inner_sharded(self: JitWrapped, leaf_specs: tuple, key: prop.CallKey, *inputs):
