@@ -13,6 +13,7 @@ except (ImportError, AttributeError):  # another JAX layout: tracebacks are just
   pass
 
 from arbax import checkpoint, errors, filters, graphlib  # noqa: F401
+from arbax.caches import clear_caches  # noqa: F401  (arbax-only: empties module-level caches)
 from arbax._settings import set_graph_mode, set_graph_updates  # noqa: F401
 from arbax.variables import (A, Variable, Param, BatchStat, Cache, Intermediate,  # noqa: F401
                              Perturbation, VarMeta, VariableMetadata, var_defaults,

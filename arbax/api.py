@@ -33,10 +33,12 @@ import jax
 import numpy as np
 
 from arbax import _settings
+from arbax._walk import SHALLOW
 from arbax import filters as filterlib
 from arbax.errors import TraceContextError, format_path
-from arbax.graph import (LEAF_DEF, NO_FIT, STATIC, GraphDef, Flattened, alias_error,
-                         flatten as _flatten, flatten_cached, path_order, _sort_key)
+from arbax.defs import LEAF_DEF, STATIC
+from arbax.graph import (NO_FIT, GraphDef, Flattened, state_mapping, flatten as _flatten,
+                         flatten_cached, merged_leaves, path_order, walk)
 from arbax.pytree import List, Pytree, node_parts
 from arbax.refmaps import IndexMap, RefMap, flatten_indexed, unflatten_indexed
 from arbax.state import (FlatState, GraphState, State, compile_builder, flat_dict, from_flat_state,
@@ -110,6 +112,13 @@ _MISSING = object()
 def group_states(fl: Flattened, filters: tuple, *, strict: bool) -> tuple:
   """The States of a flattening, one per filter (``strict``: every leaf must match one); with
   no filters, one State of everything. A leaf at the root is returned as itself."""
+  if fl.graphdef.depth > SHALLOW:
+    with fl.graphdef.deep():
+      return _group_states(fl, filters, strict)
+  return _group_states(fl, filters, strict)
+
+
+def _group_states(fl: Flattened, filters: tuple, strict: bool) -> tuple:
   leaves = fl.leaves
   if not filters:
     return (_build(_full_builder(fl.graphdef), leaves, fl.paths),)
@@ -265,54 +274,6 @@ def unpack(node, *filters, graph: bool | None = None):
 # -- merge --------------------------------------------------------------------
 
 
-def merged_leaves(graphdef: GraphDef, states: tp.Sequence) -> list:
-  """The leaves of ``states`` in ``graphdef``'s order, checking that they fit exactly.
-
-  ``states`` are States or nested dicts (FlatStates and GraphStates are accepted
-  too); for a GraphDef whose root is a leaf, the one non-empty entry is that leaf.
-  """
-  paths = graphdef.leaf_paths
-  if graphdef.skeleton is None:  # a bare Variable / array at the root
-    given = [s for s in states if not (isinstance(s, (dict, FlatState)) and not s)]
-    if len(given) == 1 and len(paths) == 1:
-      leaf = given[0]
-      if isinstance(leaf, FlatState) and leaf.paths == ((),):
-        leaf = leaf.leaves[0]
-      if not isinstance(leaf, (dict, FlatState, GraphState)):
-        return [leaf]
-  states = [_as_mapping(s) for s in states]
-  if len(states) == 1:
-    out: list = []
-    if graphdef.read_state(states[0], out):
-      return out
-  flat: dict = {}
-  for s in states:
-    flat.update(flat_dict(s))
-  leaves = []
-  for path in paths:
-    try:
-      leaves.append(flat.pop(path))
-    except KeyError:
-      raise ValueError(f'merge: the states have no value for {format_path(path)}, which the '
-                       'GraphDef needs. Pass every State that split returned.') from None
-  if flat:
-    extra = next(iter(flat))
-    raise ValueError(f'merge: the states have a value at {format_path(extra)} that the GraphDef '
-                     'has no place for. Was the State made from another structure?')
-  return leaves
-
-
-def _as_mapping(s):
-  if isinstance(s, dict):
-    return s
-  if isinstance(s, GraphState):
-    return s._state
-  if isinstance(s, FlatState):
-    return from_flat_state(s)
-  raise ValueError(f'merge expects States (or nested dicts) after the GraphDef, got a '
-                   f'{type(s).__name__}: {s!r:.80}')
-
-
 def _positional_leaves(graphdef: GraphDef, leaves: tp.Sequence) -> list:
   """A list of leaves as ``flatten(..., with_paths=False)`` returns them, in ``graphdef``'s order.
 
@@ -445,7 +406,7 @@ def update(node, state, /, *states) -> None:
   trace = _TraceCheck()
   for s in (state, *states):
     if isinstance(s, (GraphState, FlatState)):
-      s = _as_mapping(s)
+      s = state_mapping(s)
     if isinstance(s, Variable) or not isinstance(s, dict):
       raise ValueError(f'update expects States (or nested dicts), got a {type(s).__name__}')
     values: list = []
@@ -463,7 +424,7 @@ def _update_variable(target: Variable, states: tuple) -> None:
                      f'state (its new value or a Variable), got {states!r:.200}')
   new = given[0]
   if isinstance(new, FlatState):
-    new = _as_mapping(new) if new.paths != ((),) else new.leaves[0]
+    new = state_mapping(new) if new.paths != ((),) else new.leaves[0]
   _write(target, new, _TraceCheck(), ())
 
 
@@ -686,88 +647,8 @@ def pop(node, *filters):
 # -- traversals ---------------------------------------------------------------
 
 
-def _children(x, graph: bool):
-  """``[(key, child)]`` of a node in pytree order, or None for a leaf."""
-  if isinstance(x, Variable):
-    return None
-  if isinstance(x, Pytree):
-    if not type(x)._arbax_pytree:
-      return None
-    keys, aux = node_parts(x)
-    if graph and aux.static:
-      keys = sorted((*keys, *(k for k, _ in aux.static)), key=_attr_sort_key)
-    d = x.__dict__
-    return [(k, d[k]) for k in keys]
-  t = type(x)
-  if t is tuple or t is list:
-    return list(enumerate(x))
-  if isinstance(x, dict):
-    return [(k, x[k]) for k in sorted(x, key=_sort_key)]
-  if x is None or isinstance(x, (jax.Array, np.ndarray, np.generic, int, float, complex, str, bool,
-                                 type)) or callable(x):
-    return None
-  children, treedef = jax.tree_util.tree_flatten_with_path(x, is_leaf=lambda y: y is not x)
-  if treedef.num_nodes == 1 and treedef.num_leaves == 1:
-    return None
-  from arbax.graph import _key_of
-  return [(_key_of(kp[0]), c) for kp, c in children]
-
-
 def _attr_sort_key(k):
   return (isinstance(k, str), k)
-
-
-def _walk(node, graph: bool, context: str, visit_node, visit_leaf, visit_dup):
-  """Post-order traversal shared by iter_graph / find_duplicates / recursive_map.
-
-  Graph mode meets every Variable and Pytree once (``visit_dup`` for later
-  references). Tree mode follows the pytree: a Variable met twice or a cycle
-  raises a ValueError naming both paths, a shared Pytree without Variables is
-  simply visited again, and a ``pytree=False`` object raises.
-  """
-  seen: dict = {}         # graph mode: every object met; tree mode: the Variables met
-  in_progress: dict = {}  # tree mode: the Pytrees on the current path (a cycle returns to one)
-
-  def go(x, path):
-    if isinstance(x, Variable):
-      first = seen.get(id(x))
-      if first is not None:
-        if not graph:
-          raise alias_error('Variable', path, first, f'tree-mode {context}', type(x).__name__)
-        return visit_dup(x, path)
-      seen[id(x)] = path
-      return visit_leaf(x, path)
-    tracked = None
-    if isinstance(x, Pytree):
-      if not type(x)._arbax_pytree:
-        if not graph:
-          raise not_a_pytree_error(x, context, path)
-        return visit_leaf(x, path)
-      tracked = seen if graph else in_progress
-      first = tracked.get(id(x))
-      if first is not None:
-        if not graph:
-          raise alias_error(type(x).__name__, path, first, f'tree-mode {context}')
-        return visit_dup(x, path)
-      tracked[id(x)] = path
-    children = _children(x, graph)
-    if children is None:
-      return visit_leaf(x, path)
-    out = visit_node(x, path, [(k, go(c, path + (k,))) for k, c in children])
-    if tracked is in_progress:
-      del in_progress[id(x)]
-    return out
-
-  return go(node, ())
-
-
-def not_a_pytree_error(x, fn_name: str, path) -> ValueError:
-  """The error of a tree-mode traversal meeting an object of a ``pytree=False`` class."""
-  return ValueError(
-      f"Cannot use '{fn_name}' with graph=False on a '{type(x).__name__}' instance that has "
-      f'pytree=False. Found at path: {format_path(path)}. Classes declared with pytree=False are '
-      'not JAX pytrees, so tree mode cannot look inside them: pass graph=True (or use the '
-      f'nnx.compat version of {fn_name}), or declare the class without pytree=False.')
 
 
 def iter_graph(node, /, *, graph: bool | None = None) -> tp.Iterator[tuple[tuple, tp.Any]]:
@@ -802,7 +683,8 @@ def iter_graph(node, /, *, graph: bool | None = None) -> tp.Iterator[tuple[tuple
   def on_node(x, path, _):
     out.append((path, x))
 
-  _walk(node, graph, 'iter_graph', on_node, on_leaf, lambda x, path: None)
+  walk(node, graph=graph, context='iter_graph', visit_node=on_node, visit_leaf=on_leaf,
+       visit_dup=lambda x, path: None)
   return iter(out)
 
 
@@ -832,8 +714,8 @@ def find_duplicates(node, /, *, only: filterlib.Filter = ...) -> list[list[tuple
       paths_by_id.setdefault(id(x), []).append(path)
       objects[id(x)] = x
 
-  _walk(node, True, 'find_duplicates', lambda x, path, _: note(x, path),
-        note, note)
+  walk(node, graph=True, context='find_duplicates', visit_node=lambda x, path, _: note(x, path),
+       visit_leaf=note, visit_dup=note)
   return [sorted(paths, key=lambda p: [_attr_sort_key(k) for k in p])
           for i, paths in paths_by_id.items()
           if len(paths) > 1 and predicate(paths[0], objects[i])]
@@ -886,7 +768,8 @@ def recursive_map(f: tp.Callable[[tuple, tp.Any], tp.Any], node, /, *, graph: bo
                        'cycles.')
     return done[id(x)]
 
-  return _walk(node, graph, 'recursive_map', on_node, on_leaf, on_dup)
+  return walk(node, graph=graph, context='recursive_map', visit_node=on_node, visit_leaf=on_leaf,
+              visit_dup=on_dup)
 
 
 def _rebuilt(x, children):
@@ -1148,7 +1031,7 @@ def _unflatten_leaves(graphdef: GraphDef, state) -> list:
       raise ValueError(f'unflatten: the FlatState has no leaf at {format_path(e.args[0])}, which '
                        'the GraphDef needs. Was it made from another structure?') from None
   if isinstance(state, (dict, GraphState)):
-    state = _as_mapping(state)
+    state = state_mapping(state)
     found = len(flat_dict(state))
     if found != n and graphdef.skeleton is not None:
       raise ValueError(f'Incorrect number of leaves: the GraphDef needs {n}, the State has '

@@ -40,7 +40,7 @@ import typing as tp
 
 import jax
 
-from arbax import _structure
+from arbax import _structure, caches
 from arbax.defs import (VAR, NODE, LEAF, STATIC, REF, SEQ, MAP, JAXNODE, ARRAYREF, ArrayRefOutput,
                         Hashed, NoUpdate)
 from arbax.pytree import node_template, set_dict, set_seen, set_trace
@@ -67,8 +67,7 @@ class ReusingNodes(list):
     self.reuse = reuse
 
 
-_CACHE: dict = {}
-_CACHE_LIMIT = 20_000
+_CACHE = caches.bounded('compiled GraphDef builders', maxsize=20_000)
 
 
 def compiled(d, opts: Options) -> tp.Callable:
@@ -80,8 +79,6 @@ def compiled(d, opts: Options) -> tp.Callable:
     pass
   except TypeError:  # a def holding a value that cannot be hashed after all: not shared
     return _COMPILERS[d[0]](d, opts)
-  if len(_CACHE) >= _CACHE_LIMIT:
-    _CACHE.clear()
   fn = _CACHE[key] = _COMPILERS[d[0]](d, opts)
   return fn
 
@@ -383,15 +380,13 @@ class NoFit(Exception):
 _BRANCHES = frozenset({dict, State})
 
 
-def _has_leaves(d) -> bool:
-  tag = d[0]
-  if tag in (VAR, LEAF, ARRAYREF):
-    return True
-  return any(_has_leaves(c) for _, c in d.entries())
-
-
 def fused(d) -> tp.Callable:
   """The fused builder of ``d``: ``f(state, trace) -> object`` (raises NoFit on a mismatch)."""
+  return _fused(d)[0]
+
+
+def _fused(d) -> tuple[tp.Callable, bool]:
+  """``(reader, whether d holds leaves)``."""
   tag = d[0]
   if tag == VAR:
     cls, fix = d[1], _var_fixer(d[1], d[2], Options())
@@ -402,19 +397,19 @@ def fused(d) -> tp.Callable:
       if type(leaf) in _BRANCHES:
         raise NoFit
       return fix(leaf)
-    return read_var
+    return read_var, True
   if tag == LEAF:
     def read_leaf(leaf, trace):
       if type(leaf) in _BRANCHES:
         raise NoFit
       return leaf
-    return read_leaf
+    return read_leaf, True
   if tag == STATIC:
     value = _static_value(d[1])
 
     def read_static(_, trace):
       return value
-    return read_static
+    return read_static, False
   if tag == NODE:
     return _fused_node(d)
   specs, expected = _child_specs(d.entries())
@@ -423,7 +418,7 @@ def fused(d) -> tp.Callable:
 
     def read_seq(level, trace):
       return t(_read_children(level, specs, expected, trace).values())
-    return read_seq
+    return read_seq, expected > 0
   if tag == MAP:
     t = d[1]
 
@@ -431,17 +426,21 @@ def fused(d) -> tp.Callable:
       out = t()
       dict.update(out, _read_children(level, specs, expected, trace))
       return out
-    return read_map
+    return read_map, expected > 0
   treedef = d[1]
 
   def read_jaxnode(level, trace):
     return treedef.unflatten(list(_read_children(level, specs, expected, trace).values()))
-  return read_jaxnode
+  return read_jaxnode, expected > 0
 
 
 def _child_specs(entries):
   """``((key, reader, has_leaves), ...)`` and how many keys the State level must have."""
-  specs = tuple((k, fused(c), _has_leaves(c)) for k, c in entries)
+  specs = []
+  for k, c in entries:
+    reader, has = _fused(c)
+    specs.append((k, reader, has))
+  specs = tuple(specs)
   return specs, sum(1 for _, _, has in specs if has)
 
 
@@ -481,5 +480,5 @@ def _fused_node(d):
     if hook is not None:
       hook(obj)
     return obj
-  return read_node
+  return read_node, expected > 0
 

@@ -83,7 +83,14 @@ def save(path: str | os.PathLike, obj, *, overwrite: bool = False, force: bool =
   ``path`` appears only once the checkpoint is complete; a save that fails or
   is killed leaves whatever was there before.
 
-    >>> nnx.checkpoint.save('/tmp/run/ckpt', (model, optimizer), overwrite=True)  # doctest: +SKIP
+    >>> import arbax as nnx, tempfile, os
+    >>> model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+    >>> path = os.path.join(tempfile.mkdtemp(), 'ckpt')
+    >>> nnx.checkpoint.save(path, model)
+    >>> nnx.checkpoint.save(path, model)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    arbax.checkpoint.DestinationExistsError: ...
+    >>> nnx.checkpoint.save(path, model, overwrite=True)
 
   Args:
     path: the checkpoint directory to create.
@@ -615,8 +622,14 @@ def restore(path: str | os.PathLike, target, *, shardings=None):
   structure, shapes and dtypes against the target's before anything is loaded,
   so a failed restore leaves ``target`` untouched.
 
-    >>> abstract = nnx.eval_shape(lambda: Model(rngs=nnx.Rngs(0)))  # doctest: +SKIP
-    >>> model = nnx.checkpoint.restore(path, abstract)  # doctest: +SKIP
+    >>> import arbax as nnx, tempfile, os
+    >>> saved = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+    >>> path = os.path.join(tempfile.mkdtemp(), 'ckpt')
+    >>> nnx.checkpoint.save(path, saved)
+    >>> abstract = nnx.eval_shape(lambda: nnx.Linear(2, 3, rngs=nnx.Rngs(1)))
+    >>> model = nnx.checkpoint.restore(path, abstract)  # a new Linear holding the saved arrays
+    >>> bool((model.kernel[...] == saved.kernel[...]).all())
+    True
 
   Args:
     path: a checkpoint directory ``save`` (or Orbax) wrote.

@@ -17,11 +17,11 @@ import typing as tp
 import jax
 import numpy as np
 
-from arbax import reprhook
-from arbax.pytree import Dict, List, Pytree, attributes, node_parts
+from arbax import graph, reprhook
+from arbax.pytree import Dict, List, Pytree, attributes
 from arbax.rngs import RngState
 from arbax.state import State
-from arbax.variables import Variable, using_eager_sharding, var_defaults
+from arbax.variables import Variable
 
 __all__ = ['display', 'object_repr', 'treescope_repr', 'size_and_bytes', 'in_notebook']
 
@@ -72,37 +72,45 @@ class _Context:
 
 def _counts(x, ctx: _Context) -> dict[str, list[int]]:
   """``{kind: [elements, bytes]}`` under the Variable or Pytree ``x``. A Variable or Pytree
-  reachable twice is counted at its first place only."""
+  reachable twice is counted at its first place only (depth-first, in pytree order)."""
   memo = ctx.counts.get(id(x))
   if memo is not None:
     return memo
+  stack = [_open(x, ctx)]  # frames: (its counts, the objects below it still to count, reversed)
+  while True:
+    out, pending = stack[-1]
+    if pending:
+      child = pending.pop()
+      if id(child) not in ctx.counts:
+        stack.append(_open(child, ctx))
+      continue
+    stack.pop()
+    if not stack:
+      return out
+    into = stack[-1][0]
+    for kind, (n, b) in out.items():
+      entry = into.setdefault(kind, [0, 0])
+      entry[0] += n
+      entry[1] += b
+
+
+def _is_object(x) -> bool:
+  return isinstance(x, (Variable, Pytree))
+
+
+def _open(x, ctx: _Context) -> tuple[dict, list]:
+  """Start counting ``x``: a Variable's own counts, or the objects a Pytree holds (through
+  containers) to count next."""
   out: dict[str, list[int]] = {}
   ctx.counts[id(x)] = out
   if isinstance(x, Variable):
     size, nbytes = size_and_bytes(x._value)
     if size or nbytes:  # no arrays (a Python scalar, a tuple of ints): not counted
       out[kind_name(x)] = [size, nbytes]
-    return out
-  keys, _ = node_parts(x)
-  for key in keys:
-    _add_counts(out, x.__dict__[key], ctx)
-  return out
-
-
-def _add_counts(out: dict, x, ctx: _Context) -> None:
-  if isinstance(x, (Variable, Pytree)):
-    if id(x) in ctx.counts:
-      return
-    for kind, (n, b) in _counts(x, ctx).items():
-      entry = out.setdefault(kind, [0, 0])
-      entry[0] += n
-      entry[1] += b
-  elif isinstance(x, dict):
-    for v in x.values():
-      _add_counts(out, v, ctx)
-  elif isinstance(x, (list, tuple)):
-    for v in x:
-      _add_counts(out, v, ctx)
+    return out, []
+  below = [obj for _, value in graph.children(x, statics=False) or ()
+           for _, obj in graph.iter_matching(value, _is_object)]
+  return out, below[::-1]
 
 
 def _summary(counts: dict[str, list[int]]) -> str:
@@ -160,10 +168,10 @@ def _value(x, short: bool, ctx: _Context) -> str:
 
 
 def _shown_metadata(v: Variable) -> list[tuple[str, tp.Any]]:
-  """The metadata worth showing: the switches only when they differ from their defaults."""
-  defaults = {'hijax': var_defaults().hijax, 'ref': False,
-              'eager_sharding': using_eager_sharding()}
-  return [(k, x) for k, x in v._meta.items.items() if k not in defaults or x != defaults[k]]
+  """The metadata worth showing: the switches only when they are not in their usual state
+  (``hijax``/``ref`` when on, ``eager_sharding`` when off), as NNX prints them."""
+  usual = {'hijax': False, 'ref': False, 'eager_sharding': True}
+  return [(k, x) for k, x in v._meta.items.items() if k not in usual or x != usual[k]]
 
 
 def _variable(v: Variable, short: bool, ctx: _Context) -> str:

@@ -19,7 +19,7 @@ from arbax.api import (split, merge, state, update, graphdef, clone, pop, iter_g
 from arbax.contexts import (UpdateContext, update_context, current_update_context, SplitContext,
                             split_context, MergeContext, merge_context)
 from arbax.nodedefs import NodeDef, NodeRef, VariableDef, TreeNodeDef
-from arbax.refmaps import RefMap, IndexMap
+from arbax.refmaps import RefMap, IndexMap, NoUpdate, ArrayRefOutput
 from arbax.state import FlatState, GraphState, State
 
 __all__ = ['set_graph_mode', 'set_graph_updates', 'GraphDef', 'split', 'merge', 'state', 'update',
@@ -27,4 +27,4 @@ __all__ = ['set_graph_mode', 'set_graph_updates', 'GraphDef', 'split', 'merge', 
            'unflatten', 'variables', 'unpack', 'PureState', 'UpdateContext', 'update_context',
            'current_update_context', 'SplitContext', 'split_context', 'MergeContext',
            'merge_context', 'NodeDef', 'NodeRef', 'VariableDef', 'TreeNodeDef', 'RefMap',
-           'IndexMap', 'FlatState', 'GraphState', 'State']
+           'IndexMap', 'NoUpdate', 'ArrayRefOutput', 'FlatState', 'GraphState', 'State']

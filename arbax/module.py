@@ -24,7 +24,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 
-from arbax import _settings, api
+from arbax import _settings, api, caches
 from arbax import filters as filterlib
 from arbax.pytree import Dict, List, Pytree, node_parts
 from arbax.variables import Perturbation, Variable, variable_type_from_name
@@ -453,7 +453,8 @@ def with_attributes(node, /, *, only: tp.Any = ..., raise_if_not_found: bool = T
   return out
 
 
-@functools.lru_cache(maxsize=None)
+@caches.register
+@functools.lru_cache(maxsize=1024)
 def _view_params(cls: type) -> tuple[bool, frozenset]:
   """(takes ``**kwargs``, the names it takes) of ``cls.set_view``; read once per class."""
   params = inspect.signature(cls.set_view).parameters.values()
@@ -618,6 +619,7 @@ def set_metadata(node, /, *, only: tp.Any = Variable, **metadata) -> None:
 
 
 # -- Sequential ----------------------------------------------------------------
+@caches.register
 @functools.lru_cache(maxsize=256)
 def _signature_takes(fn_type_or_fn, name: str) -> bool:
   try:

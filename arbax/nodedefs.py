@@ -17,6 +17,8 @@ A GraphDef stores its structure as nested tuples (fast to hash and compare);
   have an ``index``; plain containers (list, dict, ...) have ``index=None``.
 * ``VariableDef``: a Variable, its kind (``type``), ``index`` and metadata.
 * ``NodeRef``: a later reference to the object with that ``index`` (graph mode).
+* ``ArrayRefDef``: a raw ``jax.Ref``, numbered like an object; a VariableDef of a
+  ``ref=True`` Variable carries one for its Ref (numbered right after it).
 * ``TreeNodeDef``: a tree-mode GraphDef starts with one, describing the whole
   tree as a JAX treedef plus ``path_index`` (each leaf path, sorted, with the
   leaf's position in the treedef); the Variables follow as VariableDefs.
@@ -52,12 +54,23 @@ class NodeRef:
 
 
 @dataclasses.dataclass(frozen=True)
+class ArrayRefDef:
+  """A ``jax.Ref``: its index and outer index (a raw Ref, or the Ref of a ``ref=True`` Variable)."""
+  index: int
+  outer_index: int | None = None
+
+  __class_getitem__ = classmethod(types.GenericAlias)
+
+
+@dataclasses.dataclass(frozen=True)
 class VariableDef:
-  """A Variable: its kind, index, outer index and metadata (a mapping)."""
+  """A Variable: its kind, index, outer index, metadata (a mapping) and, for a ``ref=True``
+  Variable, the ``ArrayRefDef`` of its Ref."""
   type: type
   index: int
   outer_index: int | None
   metadata: tp.Mapping
+  array_refdef: ArrayRefDef | None = None
 
   __class_getitem__ = classmethod(types.GenericAlias)
 
@@ -73,4 +86,4 @@ class TreeNodeDef:
   __class_getitem__ = classmethod(types.GenericAlias)
 
 
-__all__ = ['NodeDef', 'NodeRef', 'VariableDef', 'TreeNodeDef']
+__all__ = ['NodeDef', 'NodeRef', 'VariableDef', 'TreeNodeDef', 'ArrayRefDef']

@@ -4,7 +4,7 @@
     >>> from arbax import placement
     >>> with nnx.logical_axis_rules([('embed', None), ('mlp', 'model')]):
     ...   placement.to_partition_spec(('embed', 'mlp'))
-    PartitionSpec(None, 'model')
+    P(None, 'model')
 
 The lowest layer of sharding: it knows JAX's shardings and the logical axis rules in
 effect, nothing of Variables or Modules. ``variables`` calls ``shard_new_value``

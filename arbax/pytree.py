@@ -9,13 +9,33 @@
     >>> type(s).__name__, s.n, s.w[...].tolist()
     ('Scale', 3, [2.0, 2.0, 2.0])
 
-Attributes are classified when set: Variables, arrays and nested Pytrees (and
-lists, tuples and dicts that hold them) are *data*; everything else is
-*static*. ``nnx.data(...)`` / ``nnx.static(...)`` force the class. A static
-container that holds data by the time the object is flattened (``self.layers
-= []`` followed by ``append``) is data from then on, and attributes written
-behind ``__setattr__``'s back (``object.__setattr__``, ``vars(m).update``) are
-classified the same way when the object is next flattened (see ``_structure``).
+Attributes are classified at their first assignment, as in Flax NNX 0.12, and
+keep that class afterwards (``del`` forgets it):
+
+- arrays, Variables, Pytrees (Modules, ``nnx.List``, ...) and registered data
+  types are *data*; everything else is *static*, part of the tree definition;
+- a plain list, tuple or dict that holds data is refused (ValueError): make it
+  an ``nnx.List`` / ``nnx.Dict``, or mark it ``nnx.data([...])``;
+- ``nnx.data(...)`` / ``nnx.static(...)`` (or ``x: nnx.Data[...]`` /
+  ``nnx.Static[...]`` annotations) choose the class; a static attribute that
+  later receives data is refused, a data attribute accepts anything;
+- a static attribute still holding data when ``__init__`` returns (a list
+  filled in place) is refused.
+
+    >>> class Stack(nnx.Pytree):
+    ...   def __init__(self):
+    ...     self.ws = nnx.List([jnp.ones(2)])  # not a plain list: that is refused
+    ...     self.name = 'stack'                # static from now on
+    >>> s = Stack()
+    >>> try:
+    ...   s.name = jnp.zeros(2)
+    ... except ValueError as e:
+    ...   print(str(e)[:29])
+    Cannot assign data value of t
+
+Attributes written behind ``__setattr__``'s back (``object.__setattr__``,
+``vars(m).update``) are classified by value when the object is next flattened
+(see ``_structure``).
 
 A Pytree belongs to the JAX trace it was made in: assigning to it from inside
 another trace (a ``jax.jit`` function that captured it) raises TraceContextError.
@@ -30,9 +50,9 @@ import typing as tp
 import jax
 import numpy as np
 
-from arbax import _structure
+from arbax import _structure, _walk, reprhook
 from arbax.errors import TraceContextError
-from arbax.variables import Variable, _hashable, current_trace
+from arbax.variables import Variable, current_trace, hash_stand_in
 
 __all__ = ['Pytree', 'List', 'Dict', 'data', 'static', 'dataclass', 'is_data', 'has_data',
            'register_data_type', 'check_pytree', 'Data', 'Static', 'Object', 'attributes']
@@ -93,27 +113,25 @@ def register_data_type(type_: type, /) -> type:
 
 
 def is_data(value: tp.Any, /) -> bool:
-  """Whether ``value`` is itself a data type: an array, a Variable, a Pytree, or a
-  type passed to ``register_data_type``. Containers are not (see ``has_data``)."""
-  return (isinstance(value, (Variable, Pytree, jax.Array, np.ndarray))
+  """Whether ``value`` is itself a data type: an array, a ``jax.Ref``, a Variable, a Pytree, or
+  a type passed to ``register_data_type``. Containers are not (see ``has_data``)."""
+  return (isinstance(value, (Variable, Pytree, jax.Array, np.ndarray, jax.Ref))
           or any(isinstance(value, t) for t in _DATA_TYPES))
 
 
 def has_data(value: tp.Any, /) -> list[tp.Any]:
   """The data values (see ``is_data``) found inside the pytree ``value``, outermost first.
 
-  A Pytree counts as one value: its contents are not listed separately.
+  A Pytree counts as one value: its contents are not listed separately; a value
+  reached twice is listed once.
   """
-  seen: set[int] = set()
-
-  def stop(x):
-    # A shared object is listed once; it is a leaf the second time.
-    if id(x) in seen:
-      return True
-    seen.add(id(x))
-    return is_data(x)
-
-  return [x for x in jax.tree_util.tree_leaves(value, is_leaf=stop) if is_data(x)]
+  found: list = []
+  listed: set = set()
+  for _, x in _walk.iter_matching(value, is_data):
+    if id(x) not in listed:
+      listed.add(id(x))
+      found.append(x)
+  return found
 
 
 def check_pytree(pytree, /) -> None:
@@ -138,40 +156,20 @@ _PLAIN_STATIC = frozenset({int, float, bool, complex, str, bytes, type(None)})
 
 
 def _holds_data(value) -> bool:
-  """Whether a value is data (a leaf or holds leaves) when set without a marker."""
+  """Whether a value is data (a leaf or holds leaves) when set without a marker. Numpy scalars
+  are hashable constants, static like Python numbers (as in NNX)."""
   if type(value) in _PLAIN_STATIC:
     return False
-  if is_data(value):
-    return True
-  if isinstance(value, (list, tuple)):
-    return any(_holds_data(v) for v in value)
-  if isinstance(value, dict):
-    return any(_holds_data(v) for v in value.values())
-  # numpy scalars are hashable constants, static like Python numbers (as in NNX).
-  if isinstance(value, (int, float, complex, str, bytes, type(None), np.generic, type)) or callable(value):
-    return False
-  # Other registered pytrees (NamedTuples, optax states, ...): data if they hold arrays.
-  leaves = jax.tree_util.tree_leaves(value, is_leaf=lambda x: isinstance(x, (Variable, Pytree)))
-  if len(leaves) == 1 and leaves[0] is value:
-    return False
-  return any(_holds_data(leaf) for leaf in leaves)
+  return _walk.find_first(value, is_data) is not None
 
 
-def _find_data(value, path=''):
-  """Path (relative) of the first data value inside ``value``, or None."""
-  if is_data(value):
-    return path or '<the value itself>'
-  if isinstance(value, (list, tuple)):
-    for i, v in enumerate(value):
-      found = _find_data(v, f'{path}[{i}]')
-      if found:
-        return found
-  if isinstance(value, dict):
-    for k, v in value.items():
-      found = _find_data(v, f'{path}[{k!r}]')
-      if found:
-        return found
-  return None
+def _find_data(value) -> str | None:
+  """Where (relative: ``[0]['w']``) the first data value inside ``value`` is, or None."""
+  found = _walk.find_first(value, is_data)
+  if found is None:
+    return None
+  path = found[0]
+  return ''.join(f'[{k!r}]' for k in path) or '<the value itself>'
 
 
 _OPAQUE_SKIP = (int, float, complex, str, bytes, type(None), np.generic, type, np.dtype)
@@ -261,7 +259,7 @@ class PytreeAux:
 
   def __hash__(self):
     if self._hash is None:
-      self._hash = hash((self.data_keys, _hashable(self.static)))
+      self._hash = hash((self.data_keys, hash_stand_in(self.static)))
     return self._hash
 
   def __eq__(self, other):
@@ -316,7 +314,6 @@ def _compute_parts(obj, d: dict) -> tuple[tuple, PytreeAux]:
   kinds = d['_arbax_kinds']
   if len(d) != len(kinds) + 2:
     _adopt_bypassed(d, kinds)
-  _promote_filled(obj, d, kinds)
   order = tuple(k for k in d if k in kinds)
   data_keys = tuple(sorted((k for k in order if kinds[k]), key=_sort_key))
   static = tuple((k, _structure.snapshot(d[k])) for k in order if not kinds[k])
@@ -338,18 +335,6 @@ def _adopt_bypassed(d: dict, kinds: dict) -> None:
   for k, v in d.items():
     if k not in kinds and not _is_internal(k):
       kinds[k] = _holds_data(v)
-
-
-def _promote_filled(obj, d: dict, kinds: dict) -> None:
-  """A static attribute that holds data now (``self.layers = []`` then ``append``) is data:
-  classified by what it holds when it is flattened, so its Variables are in the state."""
-  declared = type(obj)._arbax_declared
-  for k, is_data_ in kinds.items():
-    if is_data_ or type(d[k]) in _PLAIN_STATIC or not _holds_data(d[k]):
-      continue
-    if declared.get(k) is False:
-      raise _static_holds_data(obj, k, d[k], _find_data(d[k]), declared=True)
-    kinds[k] = True
 
 
 def _key_entry(cls, k):
@@ -451,6 +436,8 @@ class Pytree:
         declared[name] = kind
     cls._arbax_declared = declared
     cls._arbax_pytree = pytree
+    if '__init__' in vars(cls):
+      cls.__init__ = _checked_init(cls.__init__)
     cls._arbax_properties = frozenset(
         k for c in cls.__mro__ for k, v in vars(c).items() if isinstance(v, property))
     if pytree:
@@ -491,26 +478,7 @@ class Pytree:
       return
     d = self.__dict__
     kinds = d['_arbax_kinds']
-    explicit = marked = None
-    if isinstance(value, _DataValue):
-      value, explicit = value.value, True
-    elif isinstance(value, _StaticValue):
-      value, explicit, marked = value.value, False, True
-    elif name in type(self)._arbax_declared:
-      explicit = type(self)._arbax_declared[name]
-    if explicit is None:
-      kind = _holds_data(value)
-      if kind:
-        value = _as_tracked_container(value)
-      elif type(value) not in _PLAIN_STATIC:
-        _check_no_hidden_state(self, name, value)
-    elif explicit:
-      kind = True
-    else:
-      found = _find_data(value)
-      if found:
-        raise _static_holds_data(self, name, value, found, declared=not marked)
-      kind = False
+    value, kind = _classify(self, name, value, kinds.get(name))
     if name in type(self)._arbax_properties:
       object.__setattr__(self, name, value)
       return
@@ -543,12 +511,10 @@ class Pytree:
     d['_arbax_cache'] = None
 
   def __repr__(self):
-    from arbax.display import object_repr
-    return object_repr(self)
+    return reprhook.render(self)
 
   def __treescope_repr__(self, path, subtree_renderer):
-    from arbax.display import treescope_repr
-    return treescope_repr(self, path, subtree_renderer)
+    return reprhook.render_treescope(self, path, subtree_renderer)
 
 
 class Object(Pytree, pytree=False):
@@ -591,20 +557,150 @@ def check_trace(obj: Pytree, name) -> None:
         '(nnx.jit, nnx.grad, ...), which rebuilds it inside, or make the change outside.')
 
 
-def _static_holds_data(obj, name, value, found: str, *, declared: bool) -> ValueError:
-  """The error for data in an attribute that was made static on purpose (NNX's wording first)."""
-  why = ('Static attributes are part of the tree definition: JAX would not see the data, and '
-         'updates to it would be lost.')
-  if declared:
-    return ValueError(
-        f'Found unexpected data on value of type {type(value)} in static attribute {name!r} of '
-        f'Pytree type {type(obj)}: {found} is data, but the class declares the attribute static '
-        f'(an nnx.static() field or an nnx.Static[...] annotation). {why} Declare it data '
-        f'(`{name}: nnx.Data[...]` or `= nnx.data()`), or keep the data out of it.')
+# -- classification: NNX 0.12's rules ------------------------------------------
+def _classify(obj, name, value, current: bool | None) -> tuple[tp.Any, bool]:
+  """``(value without its marker, is_data)`` for ``obj.name = value``; ``current`` is the
+  attribute's class if it has one (it keeps it). Raises ValueError as NNX does."""
+  explicit = None
+  if isinstance(value, _Marked):
+    explicit = type(value) is _DataValue
+    value = value.value
+  data_at = None  # where data is inside the value: '' for the value itself
+  if type(value) not in _PLAIN_STATIC:
+    data_at, tags = _scan(value)
+    if tags:
+      raise _nested_markers(obj, name, value, tags)
+  if explicit is not None:
+    if not explicit and data_at is not None:
+      raise _marked_static_holds_data(obj, name, value, data_at)
+    return value, explicit
+  declared = False
+  if current is None:
+    current = type(obj)._arbax_declared.get(name)
+    declared = current is not None
+  if current is None:  # first assignment: the value decides
+    if data_at:
+      raise _container_holds_data(obj, name, value, data_at)
+    kind = data_at is not None
+  elif current:
+    kind = True      # a data attribute accepts anything, as NNX's do
+  elif data_at is None:
+    kind = False
+  elif declared:
+    raise _unexpected_data(obj, name, value, data_at, why='declared')
+  elif data_at:
+    raise _container_holds_data(obj, name, value, data_at)
+  else:
+    raise _cannot_assign_data(obj, name, value)
+  if not kind and type(value) not in _PLAIN_STATIC:
+    _check_no_hidden_state(obj, name, value)
+  return value, kind
+
+
+def _data_or_marked(x) -> bool:
+  return isinstance(x, _Marked) or is_data(x)
+
+
+def _scan(value) -> tuple[str | None, set]:
+  """(where the first data value inside ``value`` is: ``''`` for ``value`` itself, ``[0]['w']``
+  below it, None if nowhere; the nnx.data / nnx.static markers nested inside it)."""
+  data_at, tags = None, set()
+  for path, x in _walk.iter_matching(value, _data_or_marked):
+    if isinstance(x, _Marked):
+      tags.add('data' if type(x) is _DataValue else 'static')
+    elif data_at is None:
+      data_at = ''.join(f'[{k!r}]' for k in path)
+  return data_at, tags
+
+
+def _checked_init(init):
+  """Wrap a Pytree class's ``__init__``: when the outermost one returns, no static attribute
+  may hold data (a list assigned empty, then filled in place)."""
+  if getattr(init, '_arbax_checked', False):
+    return init
+
+  @functools.wraps(init)
+  def __init__(self, *args, **kwargs):
+    init(self, *args, **kwargs)
+    if type(self).__init__ is __init__:  # not a super().__init__() call of a subclass
+      check_static_attributes(self)
+
+  __init__._arbax_checked = True
+  return __init__
+
+
+def check_static_attributes(obj: 'Pytree') -> None:
+  """Raise ValueError (NNX's "Found unexpected data") if a static attribute of ``obj`` holds
+  data; run when ``__init__`` returns."""
+  d = obj.__dict__
+  for k, is_data_ in d['_arbax_kinds'].items():
+    v = d.get(k)
+    if not is_data_ and type(v) not in _PLAIN_STATIC:
+      data_at = _find_data(v)
+      if data_at is not None:
+        raise _unexpected_data(obj, k, v, data_at.replace('<the value itself>', ''), why='init')
+
+
+# The messages start as NNX's do (code matches on them), then name the attribute, the data and
+# the fix.
+def _target(name) -> str:
+  return f'self[{name}]' if isinstance(name, int) else f'self.{name}'
+
+
+def _culprit(name, value, data_at: str) -> str:
+  if not data_at:
+    return f'{_target(name)} itself'
+  found = _walk.find_first(value, is_data)[1]
+  return f'the {type(found).__name__} at {_target(name)}{data_at}'
+
+
+_STATIC_WHY = ('Static attributes are part of the tree definition: JAX would not see the data, '
+               'and updates to it would be lost.')
+
+
+def _container_holds_data(obj, name, value, data_at) -> ValueError:
+  return ValueError(
+      f"Found data on value of type '{type(value)}' assigned to static attribute '{name}' of "
+      f"Pytree type '{type(obj)}': {_culprit(name, value, data_at)} is data, and a plain "
+      f'{type(value).__name__} is static. {_STATIC_WHY} Use nnx.List(...) / nnx.Dict(...) '
+      f'instead of a plain list / dict, or assign it with `{_target(name)} = nnx.data(...)`.')
+
+
+def _cannot_assign_data(obj, name, value) -> ValueError:
+  return ValueError(
+      f"Cannot assign data value of type '{type(value)}' to static attribute '{name}' of Pytree "
+      f"type '{type(obj)}': the attribute was static when first assigned, and keeps that class. "
+      f'To override the status explicitly wrap the value with nnx.data on assignment: '
+      f'`{_target(name)} = nnx.data(...)` (or `del {_target(name)}` first).')
+
+
+def _marked_static_holds_data(obj, name, value, data_at) -> ValueError:
   return ValueError(
       f"Found data in value of type '{type(value)}' annotated with nnx.static(...) when setting "
-      f"attribute {name!r} of Pytree type '{type(obj)}': {found} is data. {why} Assign it with "
-      f'`self.{name} = nnx.data(...)`, or drop the nnx.static(...) marker.')
+      f"attribute '{name}' of Pytree type '{type(obj)}': {_culprit(name, value, data_at)} is data. "
+      f'{_STATIC_WHY} Assign it with `{_target(name)} = nnx.data(...)`, or drop the '
+      f'nnx.static(...) marker.')
+
+
+def _unexpected_data(obj, name, value, data_at, *, why: str) -> ValueError:
+  reason = ('the class declares the attribute static (an nnx.static() field or an '
+            'nnx.Static[...] annotation)' if why == 'declared' else
+            'the attribute was static when assigned and was filled in place before __init__ '
+            'returned')
+  return ValueError(
+      f'Found unexpected data on value of type {type(value)} in static attribute \'{name}\' of '
+      f"Pytree type '{type(obj)}': {_culprit(name, value, data_at)} is data, but {reason}. "
+      f'{_STATIC_WHY} Assign it with `{_target(name)} = nnx.data(...)`, annotate it '
+      f'`{name}: nnx.Data[...]`, or use nnx.List(...) / nnx.Dict(...) for containers.')
+
+
+def _nested_markers(obj, name, value, tags: set) -> ValueError:
+  shown = '{' + ', '.join(repr(t) for t in sorted(tags)) + '}'
+  return ValueError(
+      f"Found unexpected tags {shown} on attribute '{type(obj).__name__}.{name}'. Values from "
+      f'nnx.data(...) and nnx.static(...) should be assigned to nnx.Pytree attributes directly, '
+      f"they should not be inside other structures. Got value of type '{type(value)}' on Pytree "
+      f"of type '{type(obj)}'. Mark the whole value instead: `{_target(name)} = nnx.data([...])`.")
 
 
 def _check_no_hidden_state(obj, name, value):
@@ -650,8 +746,9 @@ def attributes(obj: Pytree) -> list[tuple[tp.Any, tp.Any, bool]]:
 class List(Pytree):
   """A list that is a Pytree: items are keyed ``[0]``, ``[1]``, ... in paths.
 
-  Lists assigned to a Pytree attribute that hold data become ``nnx.List``
-  automatically, so their mutations are seen by the transforms' caches.
+  A plain list holding data is refused as an attribute (it would be static);
+  this is the list to use for layers and other data. Items follow the
+  attribute rules, each on its own (``[1, [array]]`` is refused as well).
   Item ``i`` is the attribute ``i`` (an int key of ``__dict__``): length,
   indexing, ``append`` and ``pop()`` are O(1); inserting or deleting before
   the end renumbers the items after it, like a Python list.
@@ -706,9 +803,7 @@ class List(Pytree):
 
   def _store(self, i: int, value):
     d = self.__dict__
-    kind = _holds_data(value)
-    if kind:
-      value = _as_tracked_container(value)
+    value, kind = _classify(self, i, value, None)
     d[i] = value
     d['_arbax_kinds'][i] = kind
 
@@ -877,15 +972,6 @@ class Dict(Pytree):
   __hash__ = object.__hash__
 
 
-def _as_tracked_container(value):
-  """Lists and dicts that hold data become nnx.List / nnx.Dict, so mutations are tracked."""
-  if type(value) is list:
-    return List(value)
-  if type(value) is dict and all(isinstance(k, str) for k in value):
-    return Dict(value)
-  return value
-
-
 def dataclass(cls=None, /, **kwargs):
   """``@nnx.dataclass``: a dataclass whose fields are Pytree attributes.
 
@@ -897,6 +983,9 @@ def dataclass(cls=None, /, **kwargs):
   kwargs.setdefault('repr', False)
 
   def wrap(c):
-    return dataclasses.dataclass(c, **kwargs)
+    c = dataclasses.dataclass(c, **kwargs)
+    if isinstance(c, type) and issubclass(c, Pytree):
+      c.__init__ = _checked_init(c.__init__)  # the generated one: check it like a written one
+    return c
 
   return wrap if cls is None else wrap(cls)

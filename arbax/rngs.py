@@ -21,7 +21,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 
-from arbax import _settings, api, filters as filterlib
+from arbax import _settings, abstract_init, api, filters as filterlib
 from arbax.errors import format_path
 from arbax.pytree import Pytree
 from arbax.variables import Variable
@@ -130,6 +130,16 @@ class _RandomMethods:
     return sorted({*super().__dir__(), *_DISTRIBUTIONS, *_INITIALIZERS})
 
 
+@functools.partial(jax.jit, inline=True)
+def _next_key(key: jax.Array, count: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(fold_in(key, count), count + 1)``: a stream's next key and count.
+
+  Jitted, so an eager draw is one dispatch rather than two, and under a
+  transform its trace is reused; the numbers are the ops' own.
+  """
+  return jax.random.fold_in(key, count), count + 1
+
+
 def _shape(k: int | tuple[int, ...]) -> tuple[int, ...]:
   return (k,) if isinstance(k, int) else tuple(k)
 
@@ -163,9 +173,12 @@ class RngStream(_RandomMethods, Pytree):
     self.count = RngCount(jnp.zeros(key.shape, dtype=jnp.uint32), tag=tag)
 
   def __call__(self) -> jax.Array:
-    count = self.count[...]
-    key = jax.random.fold_in(self.key[...], count)
-    self.count[...] = count + 1
+    key, count = self.key[...], self.count[...]
+    # Under nnx.eval_shape only the kind of key matters: one per key/count type is traced.
+    key, count = abstract_init.reuse(
+        ('rng', key.shape, key.dtype, count.shape, count.dtype),
+        lambda: _next_key(key, count))
+    self.count[...] = count
     return key
 
   def split(self, k: int | tuple[int, ...]) -> 'RngStream':

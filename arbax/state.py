@@ -23,7 +23,7 @@ import typing as tp
 import jax
 
 from arbax import filters as filterlib
-from arbax import reprhook
+from arbax import caches, reprhook
 from arbax.errors import format_path
 from arbax.variables import Variable
 
@@ -230,7 +230,8 @@ class State(dict):
     return from_flat_state([(p, v) for p, v in _flat_items(self) if p not in drop])
 
 
-_KEY_ORDER: dict = {}  # keys in insertion order -> keys in pytree (sorted) order
+# keys in insertion order -> keys in pytree (sorted) order
+_KEY_ORDER = caches.bounded('State key orders', maxsize=4096)
 
 
 def _sorted_keys(s) -> tuple:
@@ -239,8 +240,6 @@ def _sorted_keys(s) -> tuple:
   keys = tuple(s)
   order = _KEY_ORDER.get(keys)
   if order is None:
-    if len(_KEY_ORDER) > 4096:
-      _KEY_ORDER.clear()
     order = _KEY_ORDER[keys] = tuple(sorted(keys, key=_sort_key))
   return order
 
@@ -797,10 +796,22 @@ def skeleton(paths: tp.Iterable[tuple]) -> tuple:
       node = node.setdefault(k, {})
     node[path[-1]] = None
 
-  def freeze(node):
-    return tuple((k, None if sub is None else freeze(sub)) for k, sub in node.items())
-
-  return freeze(root)
+  # Frozen bottom-up on an explicit stack: frames are [items left, frozen items, key in parent].
+  stack = [[iter(root.items()), [], None]]
+  while True:
+    frame = stack[-1]
+    for k, sub in frame[0]:
+      if sub is None:
+        frame[1].append((k, None))
+      else:
+        stack.append([iter(sub.items()), [], k])
+        break
+    else:
+      stack.pop()
+      frozen = tuple(frame[1])
+      if not stack:
+        return frozen
+      stack[-1][1].append((frame[2], frozen))
 
 
 def build_state(skel: tuple, leaves: tp.Iterator) -> State:

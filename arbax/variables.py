@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from jax.extend.core import get_opaque_trace_state
 
-from arbax import _settings, reprhook
+from arbax import _settings, caches, reprhook
 from arbax.errors import TraceContextError
 from arbax.placement import shard_new_value
 from arbax.hijax_variable import STORE_METADATA, HijaxVariable, adopt  # noqa: F401 (re-export)
@@ -52,12 +52,12 @@ except (ImportError, AttributeError):  # other JAX versions: the public, slower 
     return get_opaque_trace_state(convention='nnx')
 
 
-def _hashable(x):
+def hash_stand_in(x):
   """A hashable stand-in used only to hash metadata (lists -> tuples, dicts -> sorted items)."""
   if isinstance(x, (list, tuple)):
-    return tuple(_hashable(e) for e in x)
+    return tuple(hash_stand_in(e) for e in x)
   if isinstance(x, dict):
-    return tuple(sorted((str(k), _hashable(v)) for k, v in x.items()))
+    return tuple(sorted((str(k), hash_stand_in(v)) for k, v in x.items()))
   try:
     hash(x)
     return x
@@ -89,7 +89,7 @@ class VarMeta:
 
   def __hash__(self):
     if self._hash is None:
-      self._hash = hash(_hashable(self.items))
+      self._hash = hash(hash_stand_in(self.items))
     return self._hash
 
   def __eq__(self, other):
@@ -106,7 +106,7 @@ class VarMeta:
     return f'VarMeta({self.items!r})'
 
 
-_EMPTY_META_CACHE: dict = {}
+_EMPTY_META_CACHE = caches.bounded('interned Variable metadata', maxsize=4096)
 
 
 def _make_meta(items: dict) -> VarMeta:

@@ -215,17 +215,58 @@ def test_graphdef_records_its_mode_and_context_annotations_in_equality_and_pickl
   assert restored == annotated and restored.outer == ((0, 5),) and restored.num_leaves == 1
 
 
-def test_build_into_updates_reused_objects_in_place_and_creates_the_rest():
+def test_build_with_reuse_updates_objects_in_place_and_creates_the_rest():
   old = Block(1.0)
   old_w = old.w
   new = Holder(Block(7.0), Block(8.0))
   fl = graph.flatten(new, graph=True)
   # nodes: Holder 0, Block 1, Param 2, Block 3, Param 4; reuse `old` for the first Block
-  out = fl.graphdef.build_into([jnp.full(2, 7.0), jnp.full(2, 8.0)], [], {1: old, 2: old_w})
+  nodes = []
+  out = fl.graphdef.build([jnp.full(2, 7.0), jnp.full(2, 8.0)], nodes=nodes,
+                          reuse={1: old, 2: old_w}, adopt_class=False)
   assert out.items[0] is old and old.w is old_w and old_w[...].tolist() == [7.0, 7.0]
   assert out.items[1] is not new.items[1] and out.items[1].w[...].tolist() == [8.0, 8.0]
-  with pytest.raises(ValueError, match='Expected a node of type Block'):
-    fl.graphdef.build_into([jnp.ones(2), jnp.ones(2)], [], {1: Holder()})
+  assert nodes[1] is old and nodes[2] is old_w and len(nodes) == 5
+  with pytest.raises(ValueError, match='Expected a node of type Block for index 1, but the outer '
+                                       'object there is a Holder'):
+    fl.graphdef.build([jnp.ones(2), jnp.ones(2)], reuse={1: Holder()}, adopt_class=False)
+  adopted = Holder()
+  fl.graphdef.build([jnp.ones(2), jnp.ones(2)], reuse={1: adopted})  # graph updates: adopt
+  assert type(adopted) is Block and adopted.n == 3
+
+
+def test_build_continues_an_index_space_and_keeps_raw_values_on_request():
+  blk = Block()
+  fl = graph.flatten([blk, blk], graph=True, known=[blk])  # blk is object 0 of an earlier split
+  assert fl.graphdef.root.children[0].index == 0
+  out = fl.graphdef.build([], nodes=[blk])
+  assert out[0] is blk and out[1] is blk
+  raw = graph.flatten(Block(), graph=True).graphdef.build([jnp.zeros(2)], recreate_variables=False)
+  assert type(raw.w) is not nnx.Param and raw.w.tolist() == [0.0, 0.0]
+
+
+def test_built_objects_own_their_static_lists_and_belong_to_the_current_trace():
+  class Tagged(nnx.Module):
+    def __init__(self):
+      self.tags = ['a']
+      self.w = nnx.Param(jnp.ones(1))
+
+  fl = graph.flatten(Tagged())
+  a = graph.unflatten(fl.graphdef, fl.leaves)
+  b = graph.unflatten(fl.graphdef, fl.leaves)
+  a.tags.append('b')
+  assert b.tags == ['a'] and fl.graphdef == graph.flatten(Tagged()).graphdef
+
+  @jax.jit
+  def inside(x):
+    built = graph.unflatten(fl.graphdef, [x])
+    built.w = nnx.Param(x + 1)  # built in this trace: may be written here
+    return built.w[...]
+
+  assert inside(jnp.ones(1)).tolist() == [2.0]
+  outside = graph.unflatten(fl.graphdef, fl.leaves)
+  with pytest.raises(nnx.errors.TraceContextError):
+    jax.jit(lambda x: setattr(outside, 'w', nnx.Param(x)))(jnp.ones(1))
 
 
 # -- what flattening sees: writes behind setattr, containers changed in place, deep chains --
@@ -282,14 +323,45 @@ def test_the_cache_keeps_no_entry_that_would_keep_a_cycle_alive():
   assert ref() is None
 
 
-def test_flatten_of_a_very_deep_chain_raises_a_clear_error():
-  node = Block()
-  for _ in range(1000):
-    outer = Block()
-    outer.inner = node
-    node = outer
+class Chain(nnx.Module):
+  def __init__(self, inner=None, mode=False):
+    self.inner = inner
+    self.w = nnx.Param(jnp.ones(1))
+    self.deterministic = mode
+
+
+def _chain(depth: int):
+  node = Chain()
+  for _ in range(depth):
+    node = Chain(node)
+  return node
+
+
+def test_a_chain_of_a_thousand_nested_modules_splits_walks_and_switches_modes():
+  node = _chain(1000)
+  graphdef, state = nnx.split(node)
+  assert len(graphdef.leaf_paths) == 1001 and graphdef.leaf_paths[-1] == ('w',)
+  assert len(graphdef.leaf_paths[0]) == 1001 and repr(graphdef).startswith('GraphDef(Chain(inner=')
+  rebuilt = nnx.merge(graphdef, state)
+  assert rebuilt.inner.inner.w is node.inner.inner.w
+  assert sum(1 for _ in nnx.iter_graph(node)) > 3000
+  assert sum(1 for _ in nnx.iter_modules(node)) == 1001
+  node.eval()
+  deepest = node
+  while deepest.inner is not None:
+    deepest = deepest.inner
+  assert deepest.deterministic is True
+  node.set_attributes(deterministic=False)
+  assert deepest.deterministic is False
+  assert nnx.clone(node).inner.inner.w is not node.inner.inner.w
+
+
+def test_flatten_of_an_absurdly_deep_chain_raises_a_clear_error():
+  node = None
+  for _ in range(100_000):
+    node = [node]
   with pytest.raises(RecursionError, match=r'tree-mode split: the object is nested too deeply.*'
-                                           r'nnx\.List.*sys\.setrecursionlimit'):
+                                           r'nnx\.List'):
     graph.flatten(node)
 
 
@@ -328,10 +400,10 @@ def test_a_data_attribute_is_a_leaf_whatever_its_value():
   assert rebuilt.count == 5 and rebuilt.items[0] == 1 and rebuilt.name == 'c'
 
 
-def test_jax_refs_are_leaves_and_tree_mode_refuses_sharing_one():
+def test_jax_refs_are_leaves_shared_like_objects_and_tree_mode_refuses_sharing_one():
   ref = jax.new_ref(jnp.array(1.0))
   fl = graph.flatten([ref, ref], graph=True)
-  assert fl.paths == [(0,), (1,)] and fl.leaves[0] is ref is fl.leaves[1]
+  assert fl.paths == [(0,)] and fl.leaves == [ref] and fl.nodes == [ref]  # stored once
   out = graph.unflatten(fl.graphdef, fl.leaves)
   assert out[0] is out[1] is ref
   with pytest.raises(ValueError, match=r'Ref at \[1\] was already seen at \[0\]'):

@@ -119,9 +119,11 @@ class Conv(Module):
                bias_metadata: tp.Mapping[str, tp.Any] = _EMPTY):
     kernel_size = (kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size)
     self.kernel_shape = kernel_size + (in_features // feature_group_count, out_features)
-    self.kernel = Param(kernel_init(rngs.params(), self.kernel_shape, param_dtype),
+    self.kernel = Param(initializers.initial_value(kernel_init, rngs.params(), self.kernel_shape,
+                                                    param_dtype),
                         **kernel_metadata)
-    self.bias = (Param(bias_init(rngs.params(), (out_features,), param_dtype), **bias_metadata)
+    self.bias = (Param(initializers.initial_value(bias_init, rngs.params(), (out_features,),
+                                                  param_dtype), **bias_metadata)
                  if use_bias else None)
     self.in_features = in_features
     self.out_features = out_features
@@ -235,9 +237,11 @@ class ConvTranspose(Module):
     self.promote_dtype = promote_dtype
     self.preferred_element_type = preferred_element_type
     self.kernel_shape = kernel_size + channels
-    self.kernel = Param(kernel_init(rngs.params(), self.kernel_shape, param_dtype),
+    self.kernel = Param(initializers.initial_value(kernel_init, rngs.params(), self.kernel_shape,
+                                                    param_dtype),
                         **kernel_metadata)
-    self.bias = (Param(bias_init(rngs.params(), (out_features,), param_dtype), **bias_metadata)
+    self.bias = (Param(initializers.initial_value(bias_init, rngs.params(), (out_features,),
+                                                  param_dtype), **bias_metadata)
                  if use_bias else None)
 
   def __call__(self, inputs: jax.Array) -> jax.Array:

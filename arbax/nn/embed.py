@@ -54,7 +54,8 @@ class Embed(Module):
                param_dtype=jnp.float32, embedding_init=default_embed_init,
                promote_dtype=_promote_dtype, rngs,
                embedding_metadata: tp.Mapping[str, tp.Any] = _EMPTY):
-    self.embedding = Param(embedding_init(rngs.params(), (num_embeddings, features), param_dtype),
+    self.embedding = Param(initializers.initial_value(embedding_init, rngs.params(),
+                                                       (num_embeddings, features), param_dtype),
                            **embedding_metadata)
     self.num_embeddings = num_embeddings
     self.features = features

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from arbax import caches
 from arbax.module import Module
 from arbax.nn import initializers
 from arbax.nn.dtypes import promote_dtype as _promote_dtype
@@ -67,7 +68,9 @@ def _init_reshaped(init, key, flat_shape, shape, dtype):
   An initializer wrapped by ``nnx.with_partitioning`` returns a Variable
   carrying metadata; the metadata is kept and only the value is reshaped.
   """
-  value = init(key, flat_shape, dtype)
+  value = initializers.initial_value(init, key, flat_shape, dtype)
+  if flat_shape == shape:
+    return value
   if isinstance(value, Variable):
     return value.replace(jnp.reshape(value.get_value(), shape))
   return jnp.reshape(value, shape)
@@ -98,9 +101,11 @@ class Linear(Module):
                preferred_element_type=None, rngs,
                kernel_metadata: tp.Mapping[str, tp.Any] = _EMPTY,
                bias_metadata: tp.Mapping[str, tp.Any] = _EMPTY):
-    self.kernel = Param(kernel_init(rngs.params(), (in_features, out_features), param_dtype),
+    self.kernel = Param(initializers.initial_value(kernel_init, rngs.params(),
+                                                    (in_features, out_features), param_dtype),
                         **kernel_metadata)
-    self.bias = (Param(bias_init(rngs.params(), (out_features,), param_dtype), **bias_metadata)
+    self.bias = (Param(initializers.initial_value(bias_init, rngs.params(), (out_features,),
+                                                  param_dtype), **bias_metadata)
                  if use_bias else None)
     self.in_features = in_features
     self.out_features = out_features
@@ -246,6 +251,7 @@ def _expand_ellipses(einsum_str: str, lhs_ndim: int, rhs_ndim: int) -> tuple[str
           out.replace('...', fill))
 
 
+@caches.register
 @functools.lru_cache(maxsize=256)
 def _bias_broadcast_shape(einsum_str: str, input_ndim: int, kernel_shape) -> tuple[int, ...]:
   """Where the bias sits in the output: output axes that come from the kernel keep their size."""
@@ -274,9 +280,11 @@ class Einsum(Module):
                bias_metadata: tp.Mapping[str, tp.Any] = _EMPTY):
     einsum_str = _check_einsum_str(einsum_str)
     # Shapes may be given as a bare int (``bias_shape=5``), as initializers accept.
-    self.kernel = Param(kernel_init(rngs.params(), _tuple(kernel_shape), param_dtype),
+    self.kernel = Param(initializers.initial_value(kernel_init, rngs.params(), _tuple(kernel_shape),
+                                                    param_dtype),
                         **kernel_metadata)
-    self.bias = (Param(bias_init(rngs.params(), _tuple(bias_shape), param_dtype),
+    self.bias = (Param(initializers.initial_value(bias_init, rngs.params(), _tuple(bias_shape),
+                                                  param_dtype),
                        **bias_metadata)
                  if bias_shape is not None else None)
     self.einsum_str = einsum_str

@@ -63,9 +63,11 @@ class LoRA(Module):
     self.base_module = base_module
     self.promote_dtype = promote_dtype
     self.lora_a = lora_param_type(
-        a_initializer(rngs.params(), (in_features, lora_rank), param_dtype), **a_metadata)
+        initializers.initial_value(a_initializer, rngs.params(), (in_features, lora_rank),
+                                   param_dtype), **a_metadata)
     self.lora_b = lora_param_type(
-        b_initializer(rngs.params(), (lora_rank, out_features), param_dtype), **b_metadata)
+        initializers.initial_value(b_initializer, rngs.params(), (lora_rank, out_features),
+                                   param_dtype), **b_metadata)
 
   def __call__(self, x: jax.Array, **kwargs) -> jax.Array:
     xc, a, b = self.promote_dtype((x, self.lora_a[...], self.lora_b[...]), dtype=self.dtype)

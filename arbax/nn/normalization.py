@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from arbax import filters as filterlib
+from arbax.api import iter_graph
 from arbax.module import Module
 from arbax.nn import initializers
 from arbax.nn.dtypes import canonicalize_dtype, promote_dtype as _promote_dtype, uncast_dtype
@@ -128,7 +129,7 @@ def _normalize(x, mean, var, scale, bias, reduction_axes, feature_axes, *, epsil
 
 
 def _param(init, rngs, shape, param_dtype, metadata):
-  return Param(init(rngs.params(), shape, param_dtype), **metadata)
+  return Param(initializers.initial_value(init, rngs.params(), shape, param_dtype), **metadata)
 
 
 def _scale_and_bias(module, shape, *, use_scale, use_bias, scale_init, bias_init, param_dtype,
@@ -417,7 +418,6 @@ class InstanceNorm(Module):
 
 # -- weight normalisation wrappers ---------------------------------------------
 def _selected_variables(layer, variable_filter) -> list[tuple[tuple, Variable]]:
-  from arbax.api import iter_graph
   predicate = filterlib.to_predicate(variable_filter)
   return [(path, v) for path, v in iter_graph(layer)
           if isinstance(v, Variable) and predicate(path, v)]
@@ -472,7 +472,7 @@ class WeightNorm(Module):
       scales = {}
       for path, v in _selected_variables(layer_instance, variable_filter):
         shape = tuple(v.shape[a] for a in self._feature_axes(v.ndim))
-        scales[path] = Param(scale_init(rngs.params(), shape, param_dtype))
+        scales[path] = Param(initializers.initial_value(scale_init, rngs.params(), shape, param_dtype))
       self.scales = scales
     else:
       self.scales = None
@@ -532,7 +532,8 @@ class SpectralNorm(Module):
     for path, v in _selected_variables(layer_instance, Param):
       if not self._is_normalized(path, v.ndim):
         continue
-      stats[(*path, 'u')] = BatchStat(u_init(rngs.params(), (1, v.shape[-1]), param_dtype))
+      stats[(*path, 'u')] = BatchStat(
+          initializers.initial_value(u_init, rngs.params(), (1, v.shape[-1]), param_dtype))
       stats[(*path, 'sigma')] = BatchStat(jnp.ones((), param_dtype))
     self.batch_stats = stats
 

@@ -94,7 +94,8 @@ class _HiddenCell(RNNCellBase):
     init = carry_init or self.carry_init or initializers.zeros_init()
     shape = tuple(input_shape[:-1]) + (self.hidden_features,)
     # One key per state array even for zeros, so the stream advances like NNX's.
-    states = tuple(init(rngs(), shape, self.param_dtype) for _ in range(self._n_states))
+    states = tuple(initializers.initial_value(init, rngs(), shape, self.param_dtype)
+                   for _ in range(self._n_states))
     return states if self._n_states > 1 else states[0]
 
   @property

@@ -19,7 +19,6 @@ Variables are unwrapped on the way in and written in place on the way out.
 """
 from __future__ import annotations
 
-import dataclasses
 import typing as tp
 
 import jax
@@ -34,7 +33,7 @@ from arbax.pytree import Pytree, data
 from arbax.state import GraphState, State, flat_dict, from_flat_state, graph_state_parts
 from arbax.variables import Param, Variable
 
-__all__ = ['OptState', 'OptArray', 'OptVariable', 'Optimizer', 'ModelAndOptimizer', 'TrainState']
+__all__ = ['OptState', 'OptArray', 'OptVariable', 'Optimizer', 'ModelAndOptimizer']
 
 
 class OptState(Variable):
@@ -325,112 +324,3 @@ class ModelAndOptimizer(Optimizer):
       The updates ``tx`` computed.
     """
     return super().update(self.model, grads, **kwargs)
-
-
-# -- TrainState: the functional alternative -----------------------------------
-def _static_field(**kwargs):
-  return dataclasses.field(metadata={'static': True}, **kwargs)
-
-
-class TrainState:
-  """An immutable train state: ``graphdef``, ``params``, ``opt_state``, ``step``, ``tx``.
-
-  ``TrainState.create(graphdef, params=params, tx=tx)`` initializes the optax
-  state; ``apply_gradients(grads)`` returns a new TrainState one step later.
-  Subclasses are dataclasses too: add fields for more State
-  (``batch_stats: nnx.State``). The top-level ``nnx.TrainState`` is the
-  ``nnx.helpers`` one, of the same design.
-
-      >>> import jax, jax.numpy as jnp, optax, arbax as nnx
-      >>> from arbax.training.optimizer import TrainState
-      >>> graphdef, params = nnx.split(nnx.Linear(2, 1, rngs=nnx.Rngs(0)), nnx.Param)
-      >>> ts = TrainState.create(graphdef, params=params, tx=optax.sgd(0.1))
-      >>> ts = ts.apply_gradients(jax.tree.map(jnp.zeros_like, ts.params))
-      >>> int(ts.step)
-      1
-
-  Args:
-    graphdef: the model's GraphDef (static).
-    params: the State the optimizer updates.
-    opt_state: the optax state.
-    step: the step count.
-    tx: the optax transformation (static).
-  """
-
-  graphdef: tp.Any = _static_field()
-  params: tp.Any = None
-  opt_state: tp.Any = None
-  step: tp.Any = 0
-  tx: tp.Any = _static_field(default=None)
-
-  def __init_subclass__(cls, **kwargs):
-    super().__init_subclass__(**kwargs)
-    _make_dataclass(cls)
-
-  @classmethod
-  def create(cls, graphdef, *, params, tx: optax.GradientTransformation, step: int = 0,
-             **kwargs):
-    """A new TrainState whose ``opt_state`` is ``tx.init(params)``.
-
-    Args:
-      graphdef: the model's GraphDef.
-      params: the State the optimizer updates.
-      tx: any optax transformation.
-      step: the initial step.
-      **kwargs: the fields subclasses add.
-
-    Returns:
-      The TrainState (of ``cls``).
-    """
-    return cls(graphdef=graphdef, params=params, opt_state=tx.init(params),
-               step=jnp.asarray(step), tx=tx, **kwargs)
-
-  def apply_gradients(self, grads, **kwargs):
-    """A new TrainState: ``params`` and ``opt_state`` after one ``tx`` step, and ``step + 1``.
-
-    Args:
-      grads: gradients shaped like ``params``.
-      **kwargs: passed to ``tx.update``.
-
-    Returns:
-      The new TrainState; this one is unchanged.
-    """
-    updates, opt_state = self.tx.update(grads, self.opt_state, self.params, **kwargs)
-    params = optax.apply_updates(self.params, updates)
-    return self.replace(params=params, opt_state=opt_state, step=self.step + 1)
-
-  def apply(self, state, *states):
-    """Call the merged model: ``ts.apply('params', 'batch_stats')(x)``; strings name fields.
-
-    Args:
-      state: a State, or the name of a field holding one.
-      *states: more of them.
-
-    Returns:
-      What ``graphdef.apply`` returns: a caller giving ``(output, (graphdef, state))``.
-    """
-    states = [getattr(self, s) if isinstance(s, str) else s for s in (state, *states)]
-    return self.graphdef.apply(*states)
-
-  def replace(self, **changes):
-    """A copy with the given fields changed.
-
-    Args:
-      **changes: the new field values.
-
-    Returns:
-      The new TrainState.
-    """
-    return dataclasses.replace(self, **changes)
-
-
-def _make_dataclass(cls) -> None:
-  """Turn ``cls`` into a frozen dataclass registered as a pytree (static fields in the treedef)."""
-  dataclasses.dataclass(frozen=True, kw_only=True)(cls)
-  fields = dataclasses.fields(cls)
-  jax.tree_util.register_dataclass(
-      cls, data_fields=[f.name for f in fields if not f.metadata.get('static')],
-      meta_fields=[f.name for f in fields if f.metadata.get('static')])
-
-
-_make_dataclass(TrainState)

@@ -33,10 +33,12 @@ import numpy as np
 
 from arbax import _settings, _structure
 from arbax.errors import AliasError, format_path
-from arbax.graph import (GraphDef, LEAF_DEF, flatten, unflatten, iter_defs, STATIC, LEAF, REF,
-                         VAR, NODE, SEQ, MAP, JAXNODE, ARRAY_TYPES)
+from arbax.defs import (LEAF_DEF, STATIC, LEAF, REF, VAR, NODE, ARRAYREF, ArrayRefOutput, iter_defs,
+                        numbered)
+from arbax.graph import (GraphDef, flatten, unflatten, ARRAY_TYPES, find_first, is_graph_object,
+                         leaf_defs)
 from arbax.extract import TreeState
-from arbax.pytree import List, Pytree
+from arbax.pytree import Pytree
 from arbax.variables import Variable
 
 _set = object.__setattr__
@@ -59,17 +61,10 @@ def _is_plain_fast(x) -> bool:
 
 
 def holds_graph(x) -> bool:
-  """Whether ``x`` holds any Pytree or Variable (so it needs the graph treatment)."""
-  if isinstance(x, (Variable, Pytree)):
-    return True
+  """Whether ``x`` holds any Pytree, Variable or ``jax.Ref`` (so it needs the graph treatment)."""
   if _is_plain_fast(x):
     return False
-  if isinstance(x, (list, tuple)):
-    return any(holds_graph(v) for v in x)
-  if isinstance(x, dict):
-    return any(holds_graph(v) for v in x.values())
-  leaves = jax.tree_util.tree_leaves(x, is_leaf=lambda y: isinstance(y, (Variable, Pytree)))
-  return any(isinstance(leaf, (Variable, Pytree)) for leaf in leaves)
+  return find_first(x, is_graph_object) is not None
 
 
 class CallKey:
@@ -312,33 +307,30 @@ def _occurrences(root) -> list[tuple[int, tuple]]:
   """``leaf_occurrences`` from the def alone: a reference to a shared Pytree counts every leaf
   under it again at the reference's path (one level: references inside it to Variables too)."""
   out = []
-  var_leaf: dict = {}    # node index of a Variable -> its leaf index
-  pytrees: dict = {}     # node index of a Pytree -> (its def, its first leaf index)
-  counts = [0, 0]        # leaves, nodes
-
-  for path, d in iter_defs(root):
+  leaf_of: dict = {}     # object number of a Variable / Ref -> its leaf index
+  pytrees: dict = {}     # object number of a Pytree -> (its def, its first leaf index)
+  count = 0              # leaves so far
+  for path, d, index in numbered(root):
     tag = d[0]
-    if tag == VAR or tag == LEAF:
-      if tag == VAR:
-        var_leaf[counts[1]] = counts[0]
-        counts[1] += 1
-      out.append((counts[0], path))
-      counts[0] += 1
-    elif tag == NODE:
-      pytrees[counts[1]] = (d, counts[0])
-      counts[1] += 1
+    if tag == NODE:
+      pytrees[index] = (d, count)
     elif tag == REF:
-      if d[1] in var_leaf:
-        out.append((var_leaf[d[1]], path))
+      if d[1] in leaf_of:
+        out.append((leaf_of[d[1]], path))
       elif d[1] in pytrees:
-        node_def, first = pytrees[d[1]]
-        k = first
+        node_def, k = pytrees[d[1]]
         for sub, sd in iter_defs(node_def):
-          if sd[0] == VAR or sd[0] == LEAF:
+          if sd[0] == REF:
+            if sd[1] in leaf_of:
+              out.append((leaf_of[sd[1]], path + sub))
+          elif sd[0] in (VAR, LEAF, ARRAYREF):
             out.append((k, path + sub))
             k += 1
-          elif sd[0] == REF and sd[1] in var_leaf:
-            out.append((var_leaf[sd[1]], path + sub))
+    elif index is not None or tag == LEAF:  # a Variable, a raw Ref or a raw leaf
+      if index is not None:
+        leaf_of[index] = count
+      out.append((count, path))
+      count += 1
   return out
 
 
@@ -473,42 +465,16 @@ def argument_path(path: tuple) -> str:
 def raw_leaf_parents(graphdef: GraphDef) -> dict:
   """``{leaf index: (node index, attribute)}`` for raw array leaves held directly by a Pytree.
 
-  Node indices count Pytrees and Variables in traversal order (the order of ``Plan.nodes`` and
-  of the objects ``rebuild`` makes), so the same entry finds the parent inside and outside.
+  Node indices number the objects in traversal order (the order of ``Plan.nodes`` and of the
+  objects ``rebuild`` makes; see ``arbax.defs``), so the same entry finds the parent inside
+  and outside.
   """
   found = graphdef.memo.get('raw_parents')
   if found is None:
-    found = graphdef.memo['raw_parents'] = _raw_parents(graphdef.root)
+    found = graphdef.memo['raw_parents'] = {
+        i: info.parent for i, info in enumerate(leaf_defs(graphdef))
+        if info.parent is not None and info.d[0] == LEAF}
   return found
-
-
-def _raw_parents(root) -> dict:
-  out: dict = {}
-  counts = [0, 0]  # leaves, nodes
-
-  def visit(d, parent):
-    tag = d[0]
-    if tag == VAR:
-      counts[0] += 1
-      counts[1] += 1
-    elif tag == LEAF:
-      if parent is not None:
-        out[counts[0]] = parent
-      counts[0] += 1
-    elif tag == NODE:
-      index = counts[1]
-      counts[1] += 1
-      for k, c in d[3]:
-        visit(c, (index, k) if isinstance(k, str) or issubclass(d[1], List) else None)
-    elif tag == SEQ:
-      for c in d[2]:
-        visit(c, None)
-    elif tag in (MAP, JAXNODE):
-      for c in d[3]:
-        visit(c, None)
-
-  visit(root, None)
-  return out
 
 
 def _hashable_statics(statics):
@@ -734,16 +700,11 @@ def rebuild(key: CallKey, inputs: tp.Sequence, *, nodes: list | None = None
   return inner.args, inner.kwargs, inner.in_leaves, inner.inner_items
 
 
-_LEAF_KINDS_CACHE: dict = {}
-
-
 def _leaf_kinds(graphdef: GraphDef) -> tuple:
-  """For each leaf of ``graphdef``: whether it is a Variable (True) or a raw array (False)."""
-  cached = _LEAF_KINDS_CACHE.get(graphdef)
-  if cached is not None:
-    return cached
-  kinds = tuple(d[0] == VAR for _, d in iter_defs(graphdef.root) if d[0] in (VAR, LEAF))
-  _LEAF_KINDS_CACHE[graphdef] = kinds
+  """For each leaf of ``graphdef``: whether it is a Variable (True) or a raw leaf (False)."""
+  kinds = graphdef.memo.get('leaf_kinds')
+  if kinds is None:
+    kinds = graphdef.memo['leaf_kinds'] = tuple(info.is_var for info in leaf_defs(graphdef))
   return kinds
 
 
@@ -803,7 +764,11 @@ def flatten_output(out, *, graph: bool, known: tp.Sequence = ()) -> tuple[tp.Any
 
 
 def _raw(x):
-  return x._value if isinstance(x, Variable) else x
+  # A Variable leaves as its value; a Ref cannot leave a JAX transform: its value does, and
+  # building the output outside makes a new Ref (or, for an input's Ref, keeps the caller's).
+  if isinstance(x, Variable):
+    return x._value
+  return ArrayRefOutput(x[...]) if isinstance(x, jax.Ref) else x
 WITH_INPUTS = 'with-inputs'  # marks an output def whose refs point into the inputs
 
 

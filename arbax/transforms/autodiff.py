@@ -43,7 +43,8 @@ import numpy as np
 
 from arbax import _settings
 from arbax import filters as filterlib
-from arbax.graph import VAR, NODE, LEAF, REF, SEQ, MAP, JAXNODE, flatten, iter_defs
+from arbax.defs import VAR, NODE, LEAF, REF, SEQ, MAP, JAXNODE, ARRAYREF, iter_defs
+from arbax.graph import flatten, leaf_defs
 from arbax.pytree import Pytree
 from arbax.state import State, from_flat_state
 from arbax.transforms import _propagate as prop
@@ -159,20 +160,20 @@ def _unwrap(x):
 # -- which leaves are differentiated -------------------------------------------------------
 def _arg_defs(graphdef) -> tuple:
   """The def of each positional argument of a plan's GraphDef (non-graph ones: static Nones)."""
-  return graphdef.root[2][0][2]
+  return graphdef.root.children[0].children
 
 
 def _locate(d, path: tuple) -> tuple[bool, tuple]:
   """Whether the leaf at ``path`` under ``d`` sits inside a Pytree, and its path from the
   outermost such Pytree (the node a filter sees, as ``nnx.state(node, filter)`` does)."""
   for i, key in enumerate(path):
-    tag = d[0]
+    tag = d.tag
     if tag == NODE:
       return True, path[i:]
     if tag == SEQ:
-      d = d[2][key]
+      d = d.children[key]
     else:  # MAP / JAXNODE
-      d = d[3][d[2].index(key)]
+      d = d.children[d.keys.index(key)]
   return False, ()
 
 
@@ -324,14 +325,17 @@ class _Selection:
 
 
 def _grad_leaf(d, g):
-  return d[1]._from_parts(g, d[2]) if d[0] == VAR else g
+  return d.cls._from_parts(g, d.meta) if d.tag == VAR else g
+
+
+_LEAF_TAGS = (VAR, LEAF, ARRAYREF)
 
 
 def _gradient_tree(d, leaves: tp.Iterator):
   """Mirror an argument's def around gradient leaves: containers stay containers, each Pytree
   becomes a State of its differentiated leaves, a shared reference an empty State."""
   tag = d[0]
-  if tag in (VAR, LEAF):
+  if tag in _LEAF_TAGS:
     g = next(leaves)
     return None if g is _SKIP else _grad_leaf(d, g)
   if tag == NODE:
@@ -344,30 +348,20 @@ def _gradient_tree(d, leaves: tp.Iterator):
   if tag == REF:
     return State()
   if tag == SEQ:
-    return d[1](_gradient_tree(c, leaves) for c in d[2])
+    return d.cls(_gradient_tree(c, leaves) for c in d.children)
   if tag == MAP:
-    pairs = [(k, _gradient_tree(c, leaves)) for k, c in zip(d[2], d[3])]
-    if issubclass(d[1], State):
+    pairs = [(k, _gradient_tree(c, leaves)) for k, c in d.entries()]
+    if issubclass(d.cls, State):
       pairs = [(k, v) for k, v in pairs if v is not None]
-    return d[1](pairs)
+    return d.cls(pairs)
   if tag == JAXNODE:
-    return d[1].unflatten([_gradient_tree(c, leaves) for c in d[3]])
+    return d.treedef.unflatten([_gradient_tree(c, leaves) for c in d.children])
   return None  # static values hold no leaves
 
 
-def _leaf_defs(d, path=()) -> tp.Iterator[tuple]:
-  tag = d[0]
-  if tag in (VAR, LEAF):
-    yield path, d
-  elif tag == NODE:
-    for k, c in d[3]:
-      yield from _leaf_defs(c, path + (k,))
-  elif tag == SEQ:
-    for i, c in enumerate(d[2]):
-      yield from _leaf_defs(c, path + (i,))
-  elif tag in (MAP, JAXNODE):
-    for k, c in zip(d[2], d[3]):
-      yield from _leaf_defs(c, path + (k,))
+def _leaf_defs(d) -> tp.Iterator[tuple]:
+  """``(path, def)`` of every leaf under ``d``, in leaf order."""
+  return ((path, sub) for path, sub in iter_defs(d) if sub.tag in _LEAF_TAGS)
 
 
 def _split_aux(out, has_aux: bool):
@@ -424,6 +418,7 @@ class _Grad:
       sel = self._selection = _Selection(plan, wrt, _grad_rule(self.tracking))
     return sel
 
+  @prop.api_boundary
   def __call__(self, *args, **kwargs):
     args, kwargs = _positional(self.fun, args, kwargs)
     wrt = _normalize_argnums(self.specs, len(args), self.argnums)
@@ -827,10 +822,11 @@ class CustomVjp:
     the call, and the output's cotangent."""
     if g.changed is prop.RESTRUCTURED:
       root = g.out_def[1].root                 # ((positional, keywords), output)
-      args_def, out_def = root[2]
+      args_def, out_def = root.children
       leaves = iter(g.out_leaves)
-      per_arg = [_gradient_tree(d, leaves) for d in args_def[2][0][2]]
-      _gradient_tree(args_def[2][1], leaves)   # keyword arguments: not passed to bwd
+      positional, keywords = args_def.children
+      per_arg = [_gradient_tree(d, leaves) for d in positional.children]
+      _gradient_tree(keywords, leaves)         # keyword arguments: not passed to bwd
       out_g = _gradient_tree(out_def, leaves)
     else:
       by_index = dict(zip(g.changed, g.values))
@@ -845,12 +841,11 @@ class CustomVjp:
     """Tree mode's ``updates_g``: the arguments' shape, the updated Variables holding their
     cotangents, None everywhere else."""
     graphdef = call.key.graphdef
-    defs = _leaf_def_list(graphdef)
-    leaves: list = [None] * len(defs)
+    layout = leaf_defs(graphdef)
+    leaves: list = [None] * len(layout)
     for i, ct in zip(g.changed, g.values):
-      d = defs[i]
-      leaves[i] = d[1]._from_parts(ct, d[2]) if d[0] == VAR else ct
-    args, _ = graphdef.build_into(leaves, [], {}, recreate_variables=False)
+      leaves[i] = _grad_leaf(layout[i].d, ct)
+    args, _ = graphdef.build(leaves, recreate_variables=False)
     kinds = call.key.kinds
     return tuple(args[p] if kinds[p] == prop.GRAPH else None for p in range(len(args)))
 
@@ -896,6 +891,7 @@ class CustomVjp:
     self._last = (plan, call)
     return call
 
+  @prop.api_boundary
   def __call__(self, *args, **kwargs):
     if kwargs:
       bound = self._signature.bind(*args, **kwargs)
@@ -936,15 +932,6 @@ def _group_bounds(key: prop.CallKey) -> list[tuple[int, int]]:
     bounds.append((start, start + size))
     start += size
   return bounds
-
-
-def _leaf_def_list(graphdef) -> list:
-  """The def of each leaf of ``graphdef``, in leaf order."""
-  found = graphdef.memo.get('leaf_defs')
-  if found is None:
-    found = graphdef.memo['leaf_defs'] = [d for _, d in iter_defs(graphdef.root)
-                                          if d[0] in (VAR, LEAF)]
-  return found
 
 
 def _output_tree(out_def, out_leaves):
@@ -1022,6 +1009,7 @@ class _Remat:
     return prop.run(self.fun, key, inputs, graph=self.graph, graph_updates=self.graph_updates,
                     name='remat')
 
+  @prop.api_boundary
   def __call__(self, *args, **kwargs):
     plan = self._plans.get(args, kwargs)
     result = self._checkpointed(plan.key, *prop.split_inputs(plan, args, kwargs))

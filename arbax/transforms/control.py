@@ -35,9 +35,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import checkify as checkify_lib
 
-from arbax import _settings
+from arbax import _settings, abstract_init, caches
 from arbax.api import merge, split
-from arbax.graph import VAR, LEAF, iter_defs
+from arbax.graph import leaf_defs
 from arbax.pytree import Pytree
 from arbax.transforms import _propagate as prop
 from arbax.variables import Variable
@@ -49,7 +49,8 @@ __all__ = ['cond', 'switch', 'eval_shape', 'checkify', 'make_jaxpr', 'cached_par
 # JAX caches the trace of a branch (lax.cond), a checkpointed or a jitted function by the
 # function object. The functions handed to JAX are therefore made once per user function
 # (and call structure) and kept while the user's function lives; they refer to it weakly.
-_WRAPPERS: 'weakref.WeakKeyDictionary[tp.Callable, dict]' = weakref.WeakKeyDictionary()
+_WRAPPERS: 'weakref.WeakKeyDictionary[tp.Callable, dict]' = caches.register(
+    weakref.WeakKeyDictionary())
 
 
 def _cached_wrapper(fun: tp.Callable, key: tp.Hashable, make: tp.Callable[[tp.Callable], tp.Any]):
@@ -97,9 +98,8 @@ def _variable_indices(key: prop.CallKey) -> frozenset:
   """Every Variable leaf: both branches of a cond must return the same updates."""
   found = key.graphdef.memo.get('variable_leaves')
   if found is None:
-    kinds = [d[0] == VAR for _, d in iter_defs(key.graphdef.root) if d[0] in (VAR, LEAF)]
     found = key.graphdef.memo['variable_leaves'] = frozenset(
-        i for i, is_var in enumerate(kinds) if is_var)
+        i for i, info in enumerate(leaf_defs(key.graphdef)) if info.is_var)
   return found
 
 
@@ -138,6 +138,7 @@ def _branching(name: str, pick: tp.Callable, branches: tp.Sequence[tp.Callable],
   return prop.finish(plan, result)
 
 
+@prop.api_boundary
 def cond(pred, true_fun: tp.Callable, false_fun: tp.Callable, *operands,
          graph: bool | None = None, graph_updates: bool | None = None):
   """``jax.lax.cond`` with state propagation: ``(true_fun if pred else false_fun)(*operands)``.
@@ -173,6 +174,7 @@ def cond(pred, true_fun: tp.Callable, false_fun: tp.Callable, *operands,
                     (true_fun, false_fun), operands, graph, graph_updates)
 
 
+@prop.api_boundary
 def switch(index, branches: tp.Sequence[tp.Callable], *operands, graph: bool | None = None,
            graph_updates: bool | None = None):
   """``jax.lax.switch`` with state propagation: ``branches[index](*operands)``, index clamped.
@@ -214,8 +216,10 @@ def _abstract_evaluator(f: tp.Callable, graph: bool, tracking: bool):
     def evaluate(key, *inputs):
       # Outputs are new abstract objects: nothing of the call reaches the arguments. Without
       # graph updates NNX refuses outputs that are input Variables (map_inputs checks them).
-      return prop.run(fun_ref(), key, inputs, graph=graph, graph_updates=False,
-                      map_inputs=not tracking, name='eval_shape')
+      # Only shapes come out, so keys and initial values are traced once per kind.
+      with abstract_init.abstract_init():
+        return prop.run(fun_ref(), key, inputs, graph=graph, graph_updates=False,
+                        map_inputs=not tracking, name='eval_shape')
     return jax.jit(_named_like(evaluate, f), static_argnums=0)
   return _cached_wrapper(f, ('eval_shape', graph, tracking), make)
 
@@ -223,6 +227,7 @@ def _abstract_evaluator(f: tp.Callable, graph: bool, tracking: bool):
 _EVAL_SHAPE_PLANS = _LastPlan('tree-mode eval_shape')
 
 
+@prop.api_boundary
 def eval_shape(f: tp.Callable, *args, graph: bool | None = None,
                graph_updates: bool | None = None, **kwargs):
   """The output of ``f(*args, **kwargs)`` without computing it: arrays become ShapeDtypeStructs.
@@ -395,5 +400,6 @@ class cached_partial:
     self.f = f
     self.cached_args = merge(*split(cached_args, graph=True)) if cached_args else ()
 
+  @prop.api_boundary
   def __call__(self, *args, **kwargs):
     return self.f(*self.cached_args, *args, **kwargs)

@@ -49,11 +49,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from arbax import _settings
+from arbax import _settings, caches
 from arbax import filters as filterlib
 from arbax.errors import format_path
 from arbax.extract import TreeState
-from arbax.graph import LEAF, NODE, REF, VAR, flatten, iter_defs
+from arbax.defs import REF, VAR, numbered
+from arbax.graph import flatten, leaf_defs
 from arbax.pytree import Pytree
 from arbax.sharding import PARTITION_NAME, add_axis, remove_axis
 from arbax.state import State, create_path_filters
@@ -348,20 +349,20 @@ def _reached_variables(fl) -> list[tuple[tuple, Variable]]:
   nodes = fl.nodes
   first: dict = {}
   found: list = []
-  count = 0
-  for path, d in iter_defs(fl.graphdef.root):
-    tag = d[0]
-    if tag == VAR or tag == NODE:
-      first[count] = path
+  for path, d, index in numbered(fl.graphdef.root):
+    tag = d.tag
+    if index is not None:
+      first[index] = path
       if tag == VAR:
-        found.append((path, nodes[count]))
-      count += 1
+        found.append((path, nodes[index]))
     elif tag == REF:
-      obj = nodes[d[1]]
+      obj = nodes[d.index]
       if isinstance(obj, Variable):
         found.append((path, obj))
         continue
-      base = first[d[1]]
+      base = first.get(d.index)
+      if base is None or not isinstance(obj, Pytree):  # a Ref: no Variables below it
+        continue
       n = len(base)
       if path[:n] != base:  # a cycle reaches its own ancestor: nothing new below
         found.extend([(path + p[n:], v) for p, v in found if p[:n] == base])
@@ -642,6 +643,7 @@ class VmapWrapped(_Mapped):
     # jax.vmap passes a Python number with axis None through as is; compiling would not
     return _outside_traces() and _arrays_only(plan, args, kwargs, scalars=False)
 
+  @prop.api_boundary
   def __call__(self, *args, **kwargs):
     args, kwargs = self._bind(args, kwargs)
     return self._run(args, kwargs)
@@ -715,6 +717,7 @@ class PmapWrapped(_Mapped):
   def _cacheable(self, plan, args, kwargs) -> bool:
     return True  # jax.pmap compiles once per input shapes itself
 
+  @prop.api_boundary
   def __call__(self, *args, **kwargs):
     args, kwargs = self._bind(args, kwargs)
     n = len(args)
@@ -826,8 +829,7 @@ class _ScanCall(tp.NamedTuple):
 
 def _writable_leaves(graphdef) -> tuple:
   raw = prop.raw_leaf_parents(graphdef)
-  kinds = [d[0] == VAR for _, d in iter_defs(graphdef.root) if d[0] in (VAR, LEAF)]
-  return tuple(is_var or i in raw for i, is_var in enumerate(kinds))
+  return tuple(info.is_var or i in raw for i, info in enumerate(leaf_defs(graphdef)))
 
 
 class _ScanYs:
@@ -925,6 +927,7 @@ class ScanWrapped:
                                   container))
     return self._last
 
+  @prop.api_boundary
   def __call__(self, *args, **kwargs):
     args, kwargs = self._signature.positional(args, kwargs)
     if kwargs:
@@ -1316,8 +1319,9 @@ def _loop_parts(init_val, graph: bool, name: str):
 
 
 # Compiled loops, per body function (and condition): they live as long as the functions do.
-_FORI_LOOPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_WHILE_LOOPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Keyed weakly by the user's functions: an entry lives as long as its function.
+_FORI_LOOPS: weakref.WeakKeyDictionary = caches.register(weakref.WeakKeyDictionary())
+_WHILE_LOOPS: weakref.WeakKeyDictionary = caches.register(weakref.WeakKeyDictionary())
 
 
 def _cached_loop(table: weakref.WeakKeyDictionary, functions: tuple, key, make: tp.Callable):
@@ -1345,6 +1349,7 @@ def _finish_loop(plan: prop.Plan, call: _LoopCall, nodes: tuple, final):
   return _merge_leaves(call, list(nodes), plain)
 
 
+@prop.api_boundary
 def fori_loop(lower, upper, body_fun, init_val, *, unroll: int | bool | None = None,
               graph: bool | None = None, graph_updates: bool | None = None):
   """``jax.lax.fori_loop`` where ``init_val`` may hold objects: their final state reaches the
@@ -1397,6 +1402,7 @@ def fori_loop(lower, upper, body_fun, init_val, *, unroll: int | bool | None = N
   return _finish_loop(plan, call, nodes, final)
 
 
+@prop.api_boundary
 def while_loop(cond_fun, body_fun, init_val, *, graph: bool | None = None,
                graph_updates: bool | None = None):
   """``jax.lax.while_loop`` where ``init_val`` may hold objects: their final state reaches

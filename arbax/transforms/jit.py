@@ -222,6 +222,7 @@ class Compiled:
   def __init__(self, wrapped: JitWrapped, key: prop.CallKey, compiled):
     self._wrapped, self._key, self._compiled = wrapped, key, compiled
 
+  @prop.api_boundary
   def __call__(self, *args, **kwargs):
     plan, _ = self._wrapped._prepare(args, kwargs)
     if plan.key != self._key:
@@ -310,6 +311,7 @@ class JitPartial:
     self.jitted = wrapped
     self.partial_args = partial_args
 
+  @prop.api_boundary
   def __call__(self, *args, **kwargs):
     return self.jitted(*self.partial_args, *args, **kwargs)
 
