@@ -64,7 +64,10 @@ class ScopedSetting(contextlib.AbstractContextManager):
 
 
 class set_graph_mode(ScopedSetting):
-  """Default for ``graph=`` in split/merge/state and the transforms: True shares references, False (tree mode) refuses aliases."""
+  """Default for ``graph=`` in split/merge/state and the transforms.
+
+  True shares references; False (tree mode) refuses aliases.
+  """
   _field = 'graph_mode'
 
 

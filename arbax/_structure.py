@@ -42,6 +42,7 @@ unchanged. Everything that decides "unchanged" lives here, in three parts:
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import typing as tp
 
@@ -231,9 +232,12 @@ def verify(what: str, cached_graphdef, cached_leaves: tp.Sequence, fresh_graphde
     cached_graphdef, cached_leaves: what the cache would have reused.
     fresh_graphdef, fresh_leaves, fresh_paths: a new walk of the same objects.
   """
-  # The structures are compared, not context annotations a GraphDef may carry.
-  if getattr(cached_graphdef, 'root', cached_graphdef) != getattr(fresh_graphdef, 'root',
-                                                                   fresh_graphdef):
+  # The structures are compared, not context annotations a GraphDef may carry; a deep one
+  # compares under its ``deep()`` (tuples compare recursively).
+  with getattr(fresh_graphdef, 'deep', contextlib.nullcontext)():
+    same = (getattr(cached_graphdef, 'root', cached_graphdef)
+            == getattr(fresh_graphdef, 'root', fresh_graphdef))
+  if not same:
     raise StaleCacheError(
         f'{what}: the cached structure is stale.\n  cached: {cached_graphdef!r}\n'
         f'  now:    {fresh_graphdef!r}\nSome structural change did not invalidate the cache '

@@ -70,7 +70,7 @@ def iter_matching(root, match: tp.Callable[[tp.Any], bool],
   """``(path, value)`` of every value under ``root`` that ``match`` accepts, outermost first in
   pytree order; nothing below a matched value is visited, and a container reached twice (shared,
   or a cycle) is visited once."""
-  stack = [((), root)]
+  stack: list[tuple[tuple, tp.Any]] = [((), root)]
   seen: set = set()
   while stack:
     path, x = stack.pop()
@@ -98,18 +98,18 @@ SHALLOW = 150  # structures nested up to this depth never need allow_depth
 
 
 @contextlib.contextmanager
-def allow_depth(depth: int):
-  """Let the block recurse through ``depth`` levels of a structure (a few Python calls each):
-  raises the recursion limit for the block when it is too low. The recursive builders and
-  readers recurse through Python calls only, which in this Python do not use the C stack, so a
-  higher limit is safe for them.
+def allow_depth(depth: int, calls_per_level: int = 5):
+  """Let the block recurse through ``depth`` levels of a structure (``calls_per_level`` Python
+  calls each): raises the recursion limit for the block when it is too low. The recursive
+  builders and readers recurse through Python calls only, which in this Python do not use the
+  C stack, so a higher limit is safe for them.
 
       >>> import sys
       >>> with allow_depth(5_000):
       ...   sys.getrecursionlimit() >= 25_000
       True
   """
-  needed = 5 * depth + 1000
+  needed = calls_per_level * depth + 1000
   limit = sys.getrecursionlimit()
   if needed <= limit:
     yield

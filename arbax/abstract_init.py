@@ -12,7 +12,7 @@ that computing it would have given.
     >>> import jax, jax.numpy as jnp
     >>> with abstract_init():                      # entered by nnx.eval_shape
     ...   pass
-    >>> reuse(('demo',), lambda: 1)                # outside it: always computed
+    >>> reuse('demo', lambda: 1)                   # outside it: always computed
     1
 
 The reuse applies only on the trace ``nnx.eval_shape`` runs the function on:
@@ -40,7 +40,7 @@ class _Scope:
 
   def __init__(self, trace):
     self.trace = trace
-    self.values: dict = {}
+    self.values: dict = {}  # (kind, mesh, argument types) -> value
 
 
 @contextlib.contextmanager
@@ -58,24 +58,32 @@ def abstract_init():
     _LOCAL.scope = previous
 
 
-def reuse(kind: tp.Hashable, compute: tp.Callable[[], tp.Any]):
-  """``compute()``, or under ``abstract_init`` the value it gave for the same ``kind`` before.
+def reuse(kind: tp.Hashable, fn: tp.Callable[..., tp.Any], *args):
+  """``fn(*args)``, or under ``abstract_init`` the value it gave for the same kind of call before.
+
+  The kind of a call is ``kind`` with the abstract value (shape, dtype,
+  sharding) of each argument and the mesh in context: all that decides the
+  shape, dtype and sharding of the result of a pure ``fn``.
+
+      >>> import jax.numpy as jnp
+      >>> int(reuse('double', lambda x: 2 * x, jnp.ones(())))   # outside abstract_init
+      2
 
   Args:
-    kind: what determines the shape, dtype and sharding of ``compute()``'s
-      result (besides the mesh in context, which is added here), e.g.
-      ``(initializer, shape, dtype, key shape, key dtype)``. ``compute`` must
-      have no effect beyond its result.
-    compute: computes the value.
+    kind: what determines ``fn``'s result besides its arguments' types, e.g.
+      ``('init', initializer, shape, dtype)``. ``fn`` must have no effect
+      beyond its result.
+    fn: computes the value.
+    *args: ``fn``'s arguments (arrays).
 
   Returns:
     The value.
   """
   scope = getattr(_LOCAL, 'scope', None)
   if scope is None or scope.trace is not current_trace():
-    return compute()
-  kind = (kind, jax.sharding.get_abstract_mesh())
+    return fn(*args)
+  kind = (kind, jax.sharding.get_abstract_mesh(), *(jax.typeof(a) for a in args))
   value = scope.values.get(kind, _MISSING)
   if value is _MISSING:
-    value = scope.values[kind] = compute()
+    value = scope.values[kind] = fn(*args)
   return value

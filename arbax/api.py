@@ -189,6 +189,14 @@ def graphdef(node, /, *, graph: bool | None = None) -> GraphDef:
   return _flat(node, graph, 'tree-mode graphdef')[0].graphdef
 
 
+def _live_states(node, filters: tuple, graph: bool | None, context: str):
+  """The body of ``state`` and ``variables``: the live leaves grouped by ``filters`` (unmatched
+  ones left out); ``context`` names the caller in tree-mode errors."""
+  fl, _ = _flat(node, graph, context)
+  states = group_states(fl, filters, strict=False)
+  return states[0] if len(states) == 1 else states
+
+
 def state(node, *filters, graph: bool | None = None):
   """The State of ``node``: its live Variables, one State per filter.
 
@@ -214,9 +222,7 @@ def state(node, *filters, graph: bool | None = None):
   Returns:
     A State for zero or one filter, else a tuple of States (one per filter).
   """
-  fl, _ = _flat(node, graph, 'tree-mode state')
-  states = group_states(fl, filters, strict=False)
-  return states[0] if len(states) == 1 else states
+  return _live_states(node, filters, graph, 'tree-mode state')
 
 
 def variables(node, *filters, graph: bool | None = None):
@@ -238,9 +244,7 @@ def variables(node, *filters, graph: bool | None = None):
   Returns:
     A State for zero or one filter, else a tuple of States (one per filter).
   """
-  fl, _ = _flat(node, graph, 'tree-mode variables')
-  states = group_states(fl, filters, strict=False)
-  return states[0] if len(states) == 1 else states
+  return _live_states(node, filters, graph, 'tree-mode variables')
 
 
 def unpack(node, *filters, graph: bool | None = None):
@@ -638,9 +642,10 @@ def pop(node, *filters):
     raise ValueError('Expected at least one filter: pop(node, nnx.Intermediate) for example.')
   fl = _flatten(node, graph=True)
   states = group_states(fl, filters, strict=False)
-  for s in states:
-    for path in reversed(list(flat_dict(s))):  # reversed: later list items first
-      _del_by_path(node, path)
+  with fl.graphdef.deep():  # reading a State back recurses through its depth
+    for s in states:
+      for path in reversed(list(flat_dict(s))):  # reversed: later list items first
+        _del_by_path(node, path)
   return states[0] if len(states) == 1 else states
 
 

@@ -72,15 +72,46 @@ _CACHE = caches.bounded('compiled GraphDef builders', maxsize=20_000)
 
 def compiled(d, opts: Options) -> tp.Callable:
   """The compiled builder of def ``d`` (cached by ``(d, opts)``)."""
+  return _cached(d, opts, None)
+
+
+# Hashing a def hashes everything below it (tuples do not keep their hash), so looking up
+# every def of a chain of n nested Modules would cost n * n / 2 hashes. Below the root, only
+# defs at most this many levels tall (the repeated layers worth sharing) are looked up.
+_SHARED_HEIGHT = 32
+
+
+def _cached(d, opts: Options, heights: dict | None) -> tp.Callable:
+  """``d`` compiled, from the cache when it is the root (``heights`` None) or short enough."""
+  if heights is not None and heights[id(d)] > _SHARED_HEIGHT:
+    return _COMPILERS[d[0]](d, opts, heights)
   key = (d, opts)
   try:
     return _CACHE[key]
   except KeyError:
     pass
   except TypeError:  # a def holding a value that cannot be hashed after all: not shared
-    return _COMPILERS[d[0]](d, opts)
-  fn = _CACHE[key] = _COMPILERS[d[0]](d, opts)
+    return _COMPILERS[d[0]](d, opts, heights or def_heights(d))
+  fn = _CACHE[key] = _COMPILERS[d[0]](d, opts, heights or def_heights(d))
   return fn
+
+
+def def_heights(root) -> dict:
+  """``{id(def): height}`` for every def under ``root`` (a leaf is 1 tall), without recursion.
+
+      >>> from arbax import defs
+      >>> leaf = defs.LEAF_DEF
+      >>> pair = defs.seq_def(tuple, (leaf, defs.seq_def(tuple, (leaf,))))
+      >>> def_heights(pair)[id(pair)]
+      3
+  """
+  order = [root]
+  for d in order:  # grows while it is read: every def, parents before their children
+    order.extend(c for _, c in d.entries())
+  heights: dict = {}
+  for d in reversed(order):
+    heights[id(d)] = 1 + max((heights[id(c)] for _, c in d.entries()), default=0)
+  return heights
 
 
 def _static_value(v):
@@ -126,7 +157,7 @@ def _slot_of(var):
   return raw if isinstance(raw, jax.Ref) else None
 
 
-def _compile_var(d, opts: Options):
+def _compile_var(d, opts: Options, heights: dict):
   cls, meta = d[1], d[2]
   fix = _var_fixer(cls, meta, opts)
   track = opts.track
@@ -185,7 +216,7 @@ def _compile_reused_var(cls, meta, fix, slot: bool):
 # -- Pytrees -----------------------------------------------------------------------
 
 
-def _child_builders(attrs, opts: Options) -> tuple:
+def _child_builders(attrs, opts: Options, heights: dict) -> tuple:
   """``((key, Variable class or None, fixer or builder), ...)``: without tracking, a Variable
   attribute is placed inline (the common case of merge), no call when it is already of its kind."""
   inline = not opts.track and not opts.copy and not opts.reuse
@@ -194,13 +225,13 @@ def _child_builders(attrs, opts: Options) -> tuple:
     if inline and c[0] == VAR:
       specs.append((k, c[1], _var_fixer(c[1], c[2], opts)))
     else:
-      specs.append((k, None, compiled(c, opts)))
+      specs.append((k, None, _cached(c, opts, heights)))
   return tuple(specs)
 
 
-def _compile_node(d, opts: Options):
+def _compile_node(d, opts: Options, heights: dict):
   cls, aux = d[1], d[2]
-  specs = _child_builders(d[3], opts)
+  specs = _child_builders(d[3], opts, heights)
   values, kinds, mutable, hook = node_template(cls, aux)
   snapshot = _structure.snapshot
   new = object.__new__
@@ -277,7 +308,7 @@ def _adopt_dict(obj, cls, new_dict: dict) -> None:
 # -- leaves, statics, refs, containers ---------------------------------------------
 
 
-def _compile_leaf(d, opts):
+def _compile_leaf(d, opts: Options, heights: dict):
   def build_leaf(it, nodes, trace):
     return next(it)
   return build_leaf
@@ -294,7 +325,7 @@ def _new_ref(leaf):
   return leaf
 
 
-def _compile_array_ref(d, opts: Options):
+def _compile_array_ref(d, opts: Options, heights: dict):
   if opts.reuse:
     def reuse_array_ref(it, nodes, trace):
       old = nodes.reuse[len(nodes)]
@@ -315,7 +346,7 @@ def _compile_array_ref(d, opts: Options):
   return build_array_ref
 
 
-def _compile_static(d, opts):
+def _compile_static(d, opts: Options, heights: dict):
   value = _static_value(d[1])
 
   def build_static(it, nodes, trace):
@@ -323,7 +354,7 @@ def _compile_static(d, opts):
   return build_static
 
 
-def _compile_ref(d, opts):
+def _compile_ref(d, opts: Options, heights: dict):
   index = d[1]
 
   def build_ref(it, nodes, trace):
@@ -331,16 +362,16 @@ def _compile_ref(d, opts):
   return build_ref
 
 
-def _compile_seq(d, opts):
-  t, builders = d[1], tuple(compiled(c, opts) for c in d[2])
+def _compile_seq(d, opts: Options, heights: dict):
+  t, builders = d[1], tuple(_cached(c, opts, heights) for c in d[2])
 
   def build_seq(it, nodes, trace):
     return t([b(it, nodes, trace) for b in builders])
   return build_seq
 
 
-def _compile_map(d, opts):
-  t, pairs = d[1], tuple(zip(d[2], (compiled(c, opts) for c in d[3])))
+def _compile_map(d, opts: Options, heights: dict):
+  t, pairs = d[1], tuple(zip(d[2], (_cached(c, opts, heights) for c in d[3])))
 
   def build_map(it, nodes, trace):
     out = t()
@@ -350,8 +381,8 @@ def _compile_map(d, opts):
   return build_map
 
 
-def _compile_jaxnode(d, opts):
-  treedef, builders = d[1], tuple(compiled(c, opts) for c in d[3])
+def _compile_jaxnode(d, opts: Options, heights: dict):
+  treedef, builders = d[1], tuple(_cached(c, opts, heights) for c in d[3])
 
   def build_jaxnode(it, nodes, trace):
     return treedef.unflatten([b(it, nodes, trace) for b in builders])

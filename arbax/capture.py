@@ -34,7 +34,7 @@ import inspect
 import types
 import typing as tp
 
-from arbax.module import CAPTURES, Module, iter_modules
+from arbax.module import CAPTURES, iter_modules
 from arbax.pytree import Pytree, data
 from arbax.state import State, from_flat_state
 from arbax.variables import Variable
@@ -99,7 +99,7 @@ def capture(fn: tp.Callable | type[Variable], *var_types: type[Variable],
   return captured
 
 
-def _owner(fn) -> Module | None:
+def _owner(fn) -> Pytree | None:
   if isinstance(fn, Pytree):
     return fn
   owner = getattr(fn, '__self__', None) if inspect.ismethod(fn) else None
@@ -176,13 +176,13 @@ def _plain_method(method) -> bool:
 
 
 def _sowing(method, name: str, kind: type[Variable]):
-  @functools.wraps(method)
   def sow_output(self, *args, **kwargs):
     out = method(self, *args, **kwargs)
     self.sow(kind, name, out)
     return out
-  sow_output._arbax_sows_output = True
-  return sow_output
+  wrapped: tp.Any = functools.wraps(method)(sow_output)  # Any: it gains a marker attribute
+  wrapped._arbax_sows_output = True
+  return wrapped
 
 
 def _current(fn, patched):

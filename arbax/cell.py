@@ -48,6 +48,7 @@ from jax._src import hijax as _hijax_impl
 from jax._src import source_info_util
 from jax._src.interpreters import batching
 from jax._src.interpreters import partial_eval as pe
+from jax._src.util import moveaxis
 from jax.experimental import hijax as hjx
 
 __all__ = ['Cell', 'CellTy', 'CellState', 'CellAxis', 'new_cell', 'cell_get', 'cell_set',
@@ -338,7 +339,7 @@ def _to_axis(axis_data, x, dim, axis: int):
   if dim is None:
     return batching.broadcast(x, axis_data.size, canonical_axis(axis, np.ndim(x) + 1),
                               axis_data.explicit_mesh_axis)
-  return batching.moveaxis(x, dim, canonical_axis(axis, np.ndim(x)))
+  return moveaxis(x, dim, canonical_axis(axis, np.ndim(x)))
 
 
 def _get_batch(axis_data, args, dims, *, avals):

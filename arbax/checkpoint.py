@@ -48,6 +48,7 @@ import socket
 import uuid
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import NamedSharding
 import numpy as np
 
@@ -251,8 +252,8 @@ def _on_process_0(fn, path: str) -> None:
       fn()
     except Exception as e:  # noqa: BLE001 - re-raised below once every process knows
       failure = e
-  status = int(_from_process_0(np.int32(
-      0 if failure is None else 2 if isinstance(failure, DestinationExistsError) else 1)))
+  status = int(_from_process_0(np.array(
+      0 if failure is None else 2 if isinstance(failure, DestinationExistsError) else 1, np.int32)))
   if failure is not None:
     raise failure
   if status == 2:
@@ -529,8 +530,8 @@ def _as_target_value(loaded, target_value):
         loaded, target_value.dtype)
   data = jax.numpy.asarray(loaded)
   wants_key = (not isinstance(target_value, _PY_SCALARS)
-               and jax.dtypes.issubdtype(target_value.dtype, jax.dtypes.prng_key))
-  if wants_key and not jax.dtypes.issubdtype(data.dtype, jax.dtypes.prng_key):
+               and jnp.issubdtype(target_value.dtype, jax.dtypes.prng_key))
+  if wants_key and not jnp.issubdtype(data.dtype, jax.dtypes.prng_key):
     return jax.random.wrap_key_data(data, impl=_key_impl(target_value))
   return data
 
@@ -552,7 +553,7 @@ def _stored_shape_dtype(value) -> tuple[tuple, np.dtype]:
     return (), np.dtype(type(value))
   # Orbax writes a typed PRNG key (an Rngs stream's key) as its raw key data, so
   # the metadata describes that data, not the key<impl> dtype.
-  if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+  if jnp.issubdtype(value.dtype, jax.dtypes.prng_key):
     value = jax.eval_shape(jax.random.key_data, value)
   return tuple(np.shape(value)), np.dtype(value.dtype)
 

@@ -15,7 +15,9 @@ import sys
 import typing as tp
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 
 from arbax import graph, reprhook
 from arbax.pytree import Dict, List, Pytree, attributes
@@ -37,8 +39,9 @@ def size_and_bytes(x) -> tuple[int, int]:
       n = int(np.prod(leaf.shape)) if leaf.shape else 1
       size += n
       try:
-        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-          nbytes += int(jax.random.key_data(leaf).nbytes) if not isinstance(leaf, jax.core.Tracer) else 8 * n
+        if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+          traced = isinstance(leaf, Tracer)
+          nbytes += 8 * n if traced else int(jax.random.key_data(leaf).nbytes)
         else:
           nbytes += n * np.dtype(leaf.dtype).itemsize
       except Exception:
@@ -47,10 +50,11 @@ def size_and_bytes(x) -> tuple[int, int]:
 
 
 def _fmt_bytes(n: int) -> str:
+  scaled: float = n
   for unit in ('B', 'KB', 'MB', 'GB'):
-    if n < 1000 or unit == 'GB':
-      return f'{n} {unit}' if unit == 'B' else f'{n:.1f} {unit}'
-    n /= 1000
+    if scaled < 1000 or unit == 'GB':
+      return f'{n} {unit}' if unit == 'B' else f'{scaled:.1f} {unit}'
+    scaled /= 1000
   return f'{n} B'
 
 

@@ -146,6 +146,9 @@ class _Combinator:
   def __init__(self, *filters: Filter):
     self.predicates = tuple(to_predicate(f) for f in filters)
 
+  def __call__(self, path, value) -> bool:
+    raise NotImplementedError  # Any and All combine the predicates
+
   def __eq__(self, other):
     return type(self) is type(other) and self.predicates == other.predicates
 
@@ -291,7 +294,7 @@ def to_predicate(filter: Filter) -> tp.Callable[[tuple, tp.Any], bool]:
   if isinstance(filter, (list, tuple)):
     return Any(*filter)
   if callable(filter):
-    return filter
+    return tp.cast(tp.Callable[[tuple, tp.Any], bool], filter)  # a user predicate: trusted
   raise ValueError(f'Invalid filter {filter!r} of type {type(filter).__name__}: expected a type, '
                    'a string (tag), ..., None, a predicate (path, value) -> bool, a list/tuple of '
                    'filters, or nnx.All / nnx.Any / nnx.Not.')

@@ -16,7 +16,10 @@ that split/merge/state/update and every transform share.
 A GraphDef describes structure only (classes, static attributes, metadata,
 where shared references point) as a tree of defs (``arbax.defs``); the leaves
 are the Variables, raw arrays and ``jax.Ref`` s in pytree order (attributes
-sorted by name, like ``jax.tree.leaves``). Equal structures give equal
+sorted by name, like ``jax.tree.leaves``). Plain values (ints, strings, ...) in
+containers held as data are structure in graph mode and leaves in tree mode,
+where the state follows JAX: ``{'w': Param, 'k': 3}`` has leaves at ``'k'`` and
+``'w'`` with ``graph=False``, only at ``'w'`` with ``graph=True``. Equal structures give equal
 GraphDefs, which hash once: they are static arguments of ``jax.jit``.
 
 Tree mode (``graph=False``) requires every Variable, Pytree and Ref to be
@@ -106,9 +109,15 @@ class GraphDef:
     return self._hash
 
   def __eq__(self, other):
-    return self is other or (isinstance(other, GraphDef) and self._hash == other._hash
-                             and self.graph == other.graph and self.base == other.base
-                             and self.outer == other.outer and self.root == other.root)
+    if self is other:
+      return True
+    if not (isinstance(other, GraphDef) and self._hash == other._hash and self.graph == other.graph
+            and self.base == other.base and self.outer == other.outer):
+      return False
+    if self.depth > SHALLOW:  # tuples compare recursively: a deep structure needs a higher limit
+      with self.deep():
+        return self.root == other.root
+    return self.root == other.root
 
   def __repr__(self):
     with self.deep():
@@ -136,7 +145,7 @@ class GraphDef:
 
   @property
   def depth(self) -> int:
-    """How deeply the structure nests (the longest path of a def)."""
+    """How deeply the structure nests (the longest path of a def); ``flatten`` records it."""
     found = self.memo.get('depth')
     if found is None:
       found = self.memo['depth'] = max((len(p) for p, _ in iter_defs(self.root)), default=0)
@@ -157,8 +166,11 @@ class GraphDef:
     """The same structure with other context annotations (``base`` / ``outer``)."""
     if outer == self.outer and (base is None or base == self.base):
       return self
-    return GraphDef(self.root, self.leaf_paths, self.graph,
-                    base=self.base if base is None else base, outer=outer)
+    out = GraphDef(self.root, self.leaf_paths, self.graph,
+                   base=self.base if base is None else base, outer=outer)
+    if 'depth' in self.memo:
+      out.memo['depth'] = self.memo['depth']
+    return out
 
   def build_from_state(self, state):
     """``merge(self, state)`` for one full State, reading it while building (the fast path).
@@ -426,17 +438,21 @@ def flatten(obj, *, graph: bool | None = None, prefix: tuple = (),
     return _walk_defs(obj, graph, prefix, context, mark_seen, known, watch)
 
   try:
-    root, leaves, paths, nodes = _deep(attempt)
+    root, leaves, paths, nodes, depth = _deep(attempt)
   except RecursionError:
     raise RecursionError(
         f'{context}: the object is nested too deeply to flatten (more than about '
         f'{_MAX_DEPTH} levels). Hold long chains of layers in an nnx.List instead of nesting '
         'them.') from None
-  return Flattened(GraphDef(root, tuple(paths), graph), leaves, paths, nodes[len(known):])
+  graphdef = GraphDef(root, tuple(paths), graph)
+  graphdef.memo['depth'] = depth - len(prefix) if depth else 0  # spares a walk of the defs
+  return Flattened(graphdef, leaves, paths, nodes[len(known):])
 
 
 def _walk_defs(obj, graph: bool, prefix: tuple, context: str, mark_seen: bool, known, watch):
-  """One flatten walk: ``(root def, leaves, paths, objects)`` (see ``flatten``)."""
+  """One flatten walk: ``(root def, leaves, paths, objects, depth)`` (see ``flatten``; ``depth``:
+  the length of the longest path below a container, counting ``prefix``; 0 when none)."""
+  deepest = 0
   leaves: list = []
   paths: list = []
   nodes: list = list(known)
@@ -454,7 +470,9 @@ def _walk_defs(obj, graph: bool, prefix: tuple, context: str, mark_seen: bool, k
 
   def visit(x, path, attribute=False):
     # `attribute`: x is a Pytree's data attribute itself, where any value but None is a leaf
-    # (as JAX sees the Pytree); inside containers, graph mode keeps non-array values static.
+    # (as JAX sees the Pytree). Inside containers, tree mode follows JAX too (every JAX leaf,
+    # an int or a str included, is a leaf), while graph mode keeps non-array values static.
+    nonlocal deepest
     if isinstance(x, Variable):
       if id(x) in seen:
         return shared(x, path, 'Variable', type(x).__name__)
@@ -483,6 +501,8 @@ def _walk_defs(obj, graph: bool, prefix: tuple, context: str, mark_seen: bool, k
       if watch is not None:
         watch.append(d)
         watch.extend((d[k], snap) for k, snap in aux.mutable)
+      if keys and len(path) >= deepest:
+        deepest = len(path) + 1
       attrs = []
       for k in keys:
         attrs.append((k, visit(d[k], path + (k,), True)))
@@ -499,6 +519,8 @@ def _walk_defs(obj, graph: bool, prefix: tuple, context: str, mark_seen: bool, k
     if t is tuple or t is list:
       if t is list and watch is not None:
         watch.append(x)
+      if x and len(path) >= deepest:
+        deepest = len(path) + 1
       items = []
       for i, c in enumerate(x):
         items.append(visit(c, path + (i,)))
@@ -507,25 +529,30 @@ def _walk_defs(obj, graph: bool, prefix: tuple, context: str, mark_seen: bool, k
       if watch is not None:
         watch.append(x)
       keys = tuple(sorted(x, key=sort_key))
+      if keys and len(path) >= deepest:
+        deepest = len(path) + 1
       items = []
       for k in keys:
         items.append(visit(x[k], path + (k,)))
       return map_def(t, keys, tuple(items))
+    as_leaf = attribute or not graph
     if x is None or isinstance(x, _PLAIN_STATIC) or callable(x):
-      return leaf(x, path, LEAF_DEF) if attribute and x is not None else static_def(x)
+      return leaf(x, path, LEAF_DEF) if as_leaf and x is not None else static_def(x)
     kids, treedef = jax.tree_util.tree_flatten_with_path(x, is_leaf=lambda y: y is not x)
     if treedef.num_leaves == 1 and treedef.num_nodes == 1:  # an opaque leaf JAX does not know
-      return leaf(x, path, LEAF_DEF) if attribute else static_def(x)
+      return leaf(x, path, LEAF_DEF) if as_leaf else static_def(x)
     if watch is not None and not isinstance(x, tuple):  # NamedTuples cannot change in place
       watch.append(x)
     keys = tuple(key_name(kp[0]) for kp, _ in kids)
+    if keys and len(path) >= deepest:
+      deepest = len(path) + 1
     items = []
     for k, (_, c) in zip(keys, kids):
       items.append(visit(c, path + (k,)))
     return jax_node_def(treedef, keys, tuple(items))
 
   try:
-    return visit(obj, prefix), leaves, paths, nodes
+    return visit(obj, prefix), leaves, paths, nodes, deepest
   finally:
     del visit, leaf, shared  # the closures refer to each other: free them (and the leaves) now
 
@@ -540,7 +567,7 @@ def _deep(fn):
     return fn()
   except RecursionError:
     pass
-  with allow_depth(_MAX_DEPTH):
+  with allow_depth(_MAX_DEPTH, calls_per_level=1):  # the walk calls itself once per level
     return fn()
 
 

@@ -45,7 +45,12 @@ TS = tp.TypeVar('TS', bound='TrainState')
 _STATIC = 'arbax_static'  # field metadata key: the field is part of the treedef, not a leaf
 
 
-def _as_pytree_dataclass(cls: type) -> type:
+C = tp.TypeVar('C', bound=type)
+
+
+# dataclass_transform: type checkers see the fields and the generated __init__.
+@tp.dataclass_transform(frozen_default=True, field_specifiers=(dataclasses.field,))
+def _as_pytree_dataclass(cls: C) -> C:
   """Make ``cls`` a frozen dataclass registered as a JAX pytree (static fields in the treedef)."""
   dataclasses.dataclass(frozen=True)(cls)
   fields = dataclasses.fields(cls)
@@ -55,6 +60,7 @@ def _as_pytree_dataclass(cls: type) -> type:
   return cls
 
 
+@_as_pytree_dataclass
 class TrainState(tp.Generic[M]):
   """A model's ``graphdef``, its ``params`` (a State), the optimizer ``tx`` and its state, and
   the ``step`` count, as one immutable pytree (``tx`` is static).
@@ -123,5 +129,3 @@ class TrainState(tp.Generic[M]):
     params = optax.apply_updates(self.params, updates)
     return self.replace(params=params, opt_state=opt_state, step=self.step + 1, **kwargs)
 
-
-_as_pytree_dataclass(TrainState)

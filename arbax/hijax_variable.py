@@ -40,6 +40,7 @@ import jax
 import numpy as np
 from jax._src import core
 from jax._src.interpreters import batching
+from jax._src.util import moveaxis
 from jax.experimental import hijax as hjx
 
 from arbax import cell as celllib
@@ -147,7 +148,21 @@ def _store_property(slot):
   return property(get, set)
 
 
-class StoreBacked:
+if tp.TYPE_CHECKING:
+  class _KindAPI:
+    """What StoreBacked finds after it in a twin's MRO: the Variable kind (not importable here)."""
+    _meta: tp.Any
+    _value: tp.Any
+
+    @classmethod
+    def _from_parts(cls, value, meta) -> tp.Any: ...
+    def _check_trace(self) -> None: ...
+    def copy(self, value: tp.Any = ..., **metadata) -> tp.Any: ...
+else:
+  _KindAPI = object
+
+
+class StoreBacked(_KindAPI):
   """Mixed into every twin (before the kind): store-aware construction, copies and raw access."""
 
   __slots__ = ()
@@ -257,7 +272,7 @@ def _register(twin, slot, *, vmappable: bool):
   jax.tree_util.register_pytree_with_keys(
       twin,
       lambda v: (((_VALUE_KEY, get(v)),), v._meta),
-      lambda meta, children: from_parts(children[0], meta),
+      lambda meta, children: from_parts(*children, meta),  # the one child: the store
       lambda v: ((get(v),), v._meta))
   if vmappable:
     batching.register_vmappable(twin, int, int, _to_elt, _from_elt, None)
@@ -334,7 +349,7 @@ def _restack(axis_data, cell, src, dst):
     if src is None:
       return batching.broadcast(x, axis_data.size, celllib.canonical_axis(dst, np.ndim(x) + 1),
                                 axis_data.explicit_mesh_axis)
-    return batching.moveaxis(x, celllib.canonical_axis(src, np.ndim(x)),
+    return moveaxis(x, celllib.canonical_axis(src, np.ndim(x)),
                              celllib.canonical_axis(dst, np.ndim(x)))
   return new_cell(jax.tree.map(move, cell_get(cell)))
 

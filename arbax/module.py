@@ -16,6 +16,7 @@
 """
 from __future__ import annotations
 
+import enum
 import functools
 import inspect
 import typing as tp
@@ -55,10 +56,15 @@ def _kind(variable_type: type[Variable] | str) -> type[Variable]:
   return variable_type
 
 
-_NOT_CAPTURING = object()
+class _Outside(enum.Enum):
+  CAPTURE = 0  # an enum member so that `is _NOT_CAPTURING` narrows for type checkers
 
 
-def _capture_of(module: 'Module', kind: type[Variable]):
+_NOT_CAPTURING: tp.Final = _Outside.CAPTURE
+
+
+def _capture_of(module: 'Module', kind: type[Variable]
+                ) -> Variable | tp.Literal[_Outside.CAPTURE] | None:
   """The capture Variable of exactly ``kind`` on ``module``; None when a capture runs without
   that kind; ``_NOT_CAPTURING`` outside nnx.capture."""
   captures = module.__dict__.get(CAPTURES)
@@ -463,12 +469,15 @@ def _view_params(cls: type) -> tuple[bool, frozenset]:
   return any_key, names - {'self'}
 
 
+_N = tp.TypeVar('_N')
+
+
 def _has_set_view(x) -> bool:
   return isinstance(x, Pytree) and callable(getattr(type(x), 'set_view', None))
 
 
-def view(node, /, *, only: tp.Any = ..., raise_if_not_found: bool = True, graph: bool | None = None,
-         **kwargs):
+def view(node: _N, /, *, only: tp.Any = ..., raise_if_not_found: bool = True,
+         graph: bool | None = None, **kwargs) -> _N:
   """A copy of ``node`` sharing its Variables, switched by each Module's ``set_view`` method.
 
   Every selected Module whose class defines ``set_view(self, <keys>...)`` is
@@ -512,7 +521,7 @@ def view(node, /, *, only: tp.Any = ..., raise_if_not_found: bool = True, graph:
     raise ValueError(f'Unused keys found in nnx.view: {sorted(unused)}. No selected Module of '
                      f'{type(node).__name__} has a set_view method that accepts them; '
                      'nnx.view_info(node) lists the keys each Module accepts.')
-  return out
+  return tp.cast(_N, out)  # recursive_map rebuilds node's own structure
 
 
 def view_info(node, /, *, only: tp.Any = ..., graph: bool | None = None) -> str:

@@ -18,6 +18,7 @@ import threading
 import typing as tp
 
 import jax
+from jax.core import Tracer
 from jax.experimental.layout import Format
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -84,6 +85,9 @@ def to_partition_spec(names, local_rules=()) -> PartitionSpec:
     names = names.sharding
   if isinstance(names, NamedSharding):
     names = names.spec
+  elif names is None or isinstance(names, jax.sharding.Sharding):
+    raise TypeError(f'out_sharding {names!r} names no mesh axes: give axis names, a '
+                    'PartitionSpec, or a NamedSharding.')
   table = _rule_table(local_rules) if (_LOCAL.rules or local_rules) else {}
   return PartitionSpec(*(_map_axis(n, table) for n in names))
 
@@ -137,7 +141,7 @@ def constrain(value, sharding):
 
   Works eagerly and inside traces; meshes with Explicit axes need ``reshard``.
   """
-  if not isinstance(value, jax.core.Tracer):
+  if not isinstance(value, Tracer):
     return jax.device_put(value, sharding)   # eager: a transfer, no program to compile
   if isinstance(sharding, Format):
     return jax.lax.with_sharding_constraint(value, sharding)

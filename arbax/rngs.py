@@ -173,12 +173,12 @@ class RngStream(_RandomMethods, Pytree):
     self.count = RngCount(jnp.zeros(key.shape, dtype=jnp.uint32), tag=tag)
 
   def __call__(self) -> jax.Array:
-    key, count = self.key[...], self.count[...]
-    # Under nnx.eval_shape only the kind of key matters: one per key/count type is traced.
-    key, count = abstract_init.reuse(
-        ('rng', key.shape, key.dtype, count.shape, count.dtype),
-        lambda: _next_key(key, count))
-    self.count[...] = count
+    # Under nnx.eval_shape only the kind of key matters: one per key/count type is traced,
+    # and a count handed back again is the one the stream holds already.
+    old = self.count[...]
+    key, count = abstract_init.reuse('rng', _next_key, self.key[...], old)
+    if count is not old:
+      self.count[...] = count
     return key
 
   def split(self, k: int | tuple[int, ...]) -> 'RngStream':

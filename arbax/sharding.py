@@ -91,10 +91,10 @@ def _axis_change(transform_metadata: tp.Mapping) -> tuple[tp.Any, dict]:
 
 
 def _inserted(names: tuple, index: int, name) -> tuple:
-  names = list(names)
-  names.extend([None] * (index - len(names)))  # a short annotation: unnamed axes before it
-  names.insert(index, name)
-  return tuple(names)
+  out = list(names)
+  out.extend([None] * (index - len(out)))  # a short annotation: unnamed axes before it
+  out.insert(index, name)
+  return tuple(out)
 
 
 def _removed(names: tuple, index: int, name, key: str) -> tuple:

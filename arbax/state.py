@@ -439,9 +439,7 @@ class FlatState(tp.Sequence):
     Returns:
       A FlatState for one filter, else a tuple of FlatStates.
     """
-    groups = _partition(list(self), filterlib.filters_to_predicates((first, *filters)), strict=False)
-    out = tuple(FlatState(g, sort=False) for g in groups)
-    return out[0] if len(out) == 1 else out
+    return self._grouped((first, *filters), strict=False)
 
   def split(self, first, /, *filters):
     """Partition the pairs by filters; every pair must match one (else a ValueError names its path).
@@ -459,7 +457,10 @@ class FlatState(tp.Sequence):
     Returns:
       A FlatState for one filter, else a tuple of FlatStates.
     """
-    groups = _partition(list(self), filterlib.filters_to_predicates((first, *filters)), strict=True)
+    return self._grouped((first, *filters), strict=True)
+
+  def _grouped(self, filters: tuple, strict: bool):
+    groups = _partition(list(self), filterlib.filters_to_predicates(filters), strict=strict)
     out = tuple(FlatState(g, sort=False) for g in groups)
     return out[0] if len(out) == 1 else out
 
@@ -626,7 +627,7 @@ def _default_replace(target, value):
   return target.replace(value) if isinstance(target, Variable) else value
 
 
-def replace_by_pure_dict(state: tp.Mapping, pure_dict: tp.Mapping, replace_fn=None) -> None:
+def replace_by_pure_dict(state: tp.MutableMapping, pure_dict: tp.Mapping, replace_fn=None) -> None:
   """Put the raw values of ``pure_dict`` into ``state``, in place: how a checkpoint is loaded.
 
   Each Variable entry is replaced by a new Variable of the same kind and metadata
@@ -862,11 +863,13 @@ def _compile_level(skel):
   keys = tuple(k for k, _ in skel)
   n = len(keys)
   if all(sub is None for _, sub in skel):
+    fetch: tp.Callable[[tp.Any], tuple]
     if n == 1:
       key = keys[0]
 
-      def fetch(d):
+      def fetch_one(d):
         return (d[key],)
+      fetch = fetch_one  # itemgetter of one key returns the value, not a 1-tuple
     else:
       fetch = operator.itemgetter(*keys) if keys else (lambda d: ())
 
@@ -896,7 +899,8 @@ def _compile_level(skel):
   return branch_level
 
 
-__all__ = ['create_path_filters', 'graph_state_parts', 'State', 'GraphState', 'FlatState', 'to_flat_state', 'from_flat_state', 'flat_dict', 'to_pure_dict',
+__all__ = ['create_path_filters', 'graph_state_parts', 'State', 'GraphState', 'FlatState',
+           'to_flat_state', 'from_flat_state', 'flat_dict', 'to_pure_dict',
            'replace_by_pure_dict', 'filter_state', 'split_state', 'merge_state', 'map_state',
            'restore_int_paths']
 

@@ -150,7 +150,8 @@ def _as_container(x):
   if isinstance(x, (dict, list)):
     return x
   if isinstance(x, tuple):
-    return x._asdict() if hasattr(x, '_asdict') else list(x)
+    asdict = getattr(x, '_asdict', None)  # a namedtuple opens as its fields
+    return asdict() if asdict is not None else list(x)
   if x is None or isinstance(x, (Variable, Pytree)) or hasattr(x, 'shape'):
     return None
   children, _ = jax.tree_util.tree_flatten_with_path(x, is_leaf=lambda y: y is not x)

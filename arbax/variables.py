@@ -43,7 +43,7 @@ try:  # JAX's own token for the current trace, read without building a wrapper o
   from jax._src.core import trace_ctx as _trace_ctx
   _trace_ctx.trace._weakref  # noqa: B018  (probe: the attribute exists in this JAX)
 
-  def current_trace():
+  def current_trace():  # pyright: ignore[reportRedeclaration]  (one of two, by JAX version)
     """A token for the JAX trace running now (eval, jit, grad, ...); equal tokens, same trace."""
     return _trace_ctx.trace._weakref
 except (ImportError, AttributeError):  # other JAX versions: the public, slower API
@@ -308,8 +308,13 @@ class Variable:
     return self._value(*args, **kwargs)
 
   # -- metadata --
+  @tp.overload
+  def get_metadata(self, name: None = None, *,
+                   exclude_required: bool | None = None) -> dict[str, tp.Any]: ...
+  @tp.overload
+  def get_metadata(self, name: str, default: tp.Any = ...) -> tp.Any: ...
   def get_metadata(self, name: str | None = None, default: tp.Any = _MISSING, *,
-                   exclude_required: bool | None = None):
+                   exclude_required: bool | None = None) -> tp.Any:
     """All metadata as a new dict, or the entry ``name`` (``default`` when it is missing).
 
         >>> import arbax as nnx
@@ -726,8 +731,9 @@ for _name, _op in [('add', operator.add), ('sub', operator.sub), ('mul', operato
   setattr(Variable, f'__r{_name}__', _r)
   setattr(Variable, f'__i{_name}__', _i)
 
-Variable.__divmod__ = lambda self, other: divmod(self._value, _unwrap(other))
-Variable.__rdivmod__ = lambda self, other: divmod(_unwrap(other), self._value)
+_divmod, _rdivmod, _ = _binary(divmod)  # divmod has no in-place form
+for _name, _fn in [('__divmod__', _divmod), ('__rdivmod__', _rdivmod)]:
+  setattr(Variable, _name, _fn)
 
 for _name, _op in [('lt', operator.lt), ('le', operator.le), ('gt', operator.gt),
                    ('ge', operator.ge), ('eq', operator.eq), ('ne', operator.ne)]:
@@ -1008,7 +1014,16 @@ _NAME_TO_TYPE: dict[str, type[Variable]] = {
 }
 
 
-def register_variable_name(name: str, typ: type[Variable] | None = None, *, overwrite: bool = False):
+VT = tp.TypeVar('VT', bound='type[Variable]')
+
+
+@tp.overload
+def register_variable_name(name: str, typ: VT, *, overwrite: bool = False) -> VT: ...
+@tp.overload
+def register_variable_name(name: str, typ: None = None, *,
+                           overwrite: bool = False) -> tp.Callable[[VT], VT]: ...
+def register_variable_name(name: str, typ: type[Variable] | None = None, *,
+                           overwrite: bool = False) -> tp.Any:
   """Map the collection name ``name`` to the Variable type ``typ`` (``'params'`` <-> ``Param``).
 
   Checkpoints and interop code that speak Linen collections use the mapping.

@@ -29,7 +29,7 @@ import typing as tp
 import jax
 
 __all__ = ['parse_args', 'header', 'load_text', 'optional', 'interleave', 'median', 'table',
-           'fmt_time', 'ratio_text', 'Summary', 'CompileCounter', 'gc_paused', 'profile']
+           'fmt_time', 'ratio_text', 'Summary', 'COLUMNS', 'CompileCounter', 'gc_paused', 'profile']
 
 
 def parse_args(doc: str, add: tp.Callable[[argparse.ArgumentParser], None] | None = None,
@@ -136,6 +136,10 @@ def table(headers: tp.Sequence[str], rows: tp.Iterable[tp.Sequence[tp.Any]]) -> 
   print()
 
 
+#: The libraries of the side-by-side table, in order.
+COLUMNS = ('arbax', 'Flax NNX', 'Equinox', 'raw JAX')
+
+
 class Summary:
   """The goal rows of one script: arbax's number, the reference's, their ratio and the goal."""
 
@@ -145,13 +149,21 @@ class Summary:
     self.load_start = load_text()
 
   def add(self, row: str, value: float | None, reference: str, ref_value: float | None, *,
-          goal: float | None, unit: str = 's', note: str = '') -> None:
-    """Record one goal row; ``goal`` is the largest acceptable ratio (``None``: no goal, just measured)."""
+          goal: float | None, unit: str = 's', note: str = '',
+          columns: dict[str, float | None] | None = None) -> None:
+    """Record one goal row; ``goal`` is the largest acceptable ratio (``None``: no goal, just measured).
+
+    ``columns`` gives the same measurement for each library, by column name
+    (``COLUMNS``: arbax, Flax NNX, Equinox, raw JAX); ``run_all.py`` prints them
+    side by side, ``—`` where a library has no such row or is not installed.
+    """
     ratio = value / ref_value if value is not None and ref_value else None
     met = None if goal is None or ratio is None else ratio <= goal
+    unknown = set(columns or ()) - set(COLUMNS)
+    assert not unknown, f'columns {sorted(unknown)}: expected some of {COLUMNS}'
     self.rows.append(dict(script=self.script, row=row, value=value, reference=reference,
                           ref_value=ref_value, ratio=ratio, goal=goal, met=met, unit=unit,
-                          note=note))
+                          note=note, columns=dict(columns or {})))
 
   def write(self, path: str | None) -> None:
     if path is None:

@@ -59,7 +59,9 @@ def main(argv=None) -> int:
   summary = C.Summary('clone')
   summary.add('nnx.clone, 195 Variables', med['arbax clone'], 'arbax split + merge',
               med['arbax split + merge'], goal=GOAL,
-              note=f"arbax split alone {C.fmt_time(med['arbax split'])}")
+              note=f"arbax split alone {C.fmt_time(med['arbax split'])}",
+              columns={'arbax': med['arbax clone'], 'Flax NNX': med.get('Flax NNX clone'),
+                       'raw JAX': med['raw JAX: jax.tree.map copy (dicts)']})
   if args.profile:
     C.profile('arbax clone', fns['arbax clone'], number=50)
     C.profile('arbax split + merge', fns['arbax split + merge'], number=50)

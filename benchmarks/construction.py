@@ -74,6 +74,12 @@ def variants(fnnx, eqx, n=N) -> tuple[dict, dict]:
   return eager, abstract
 
 
+def columns(med: dict, mode: str) -> dict:
+  names = {'arbax': 'arbax', 'Flax NNX': 'Flax NNX', 'Equinox': 'Equinox',
+           'raw JAX (same ops, dicts)': 'raw JAX'}
+  return {column: med[(mode, name)] for name, column in names.items() if (mode, name) in med}
+
+
 def main(argv=None) -> int:
   args = C.parse_args(__doc__, argv=argv)
   fnnx, eqx = C.optional('flax.nnx'), C.optional('equinox')
@@ -97,10 +103,11 @@ def main(argv=None) -> int:
   C.table(['mode', 'variant', 'median', 'ratio to own eager', 'ratio to Equinox eager'], rows)
   summary = C.Summary('construction')
   summary.add(f'abstract construction ({2 * N} Variables) vs eager', med[('abstract', 'arbax')],
-              'arbax eager', med[('eager', 'arbax')], goal=ABSTRACT_GOAL)
+              'arbax eager', med[('eager', 'arbax')], goal=ABSTRACT_GOAL,
+              columns=columns(med, 'abstract'))
   summary.add(f'eager construction ({2 * N} Variables)', med[('eager', 'arbax')],
               'Equinox eager' if eqx else 'Equinox (not installed)', med.get(('eager', 'Equinox')),
-              goal=EAGER_GOAL)
+              goal=EAGER_GOAL, columns=columns(med, 'eager'))
   if args.profile:
     C.profile('arbax eager construction', eager['arbax'])
     C.profile('arbax abstract construction', abstract['arbax'])

@@ -70,7 +70,8 @@ def main(argv=None) -> int:
   ours = med['arbax jax.jit + hijax Variables']
   summary = C.Summary('hijax_jit')
   summary.add('plain jax.jit step, hijax Variables, small MLP', ours, RAW, med[RAW], goal=None,
-              note=f'{ours / flax:.2f}x Flax NNX hijax' if flax else '')
+              note=f'{ours / flax:.2f}x Flax NNX hijax' if flax else '',
+              columns={'arbax': ours, 'Flax NNX': flax, 'raw JAX': med[RAW]})
   if args.profile:
     C.profile('arbax jax.jit + hijax Variables', fns['arbax jax.jit + hijax Variables'],
               number=50)

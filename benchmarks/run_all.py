@@ -9,7 +9,10 @@ Each script runs in its own process (so one's caches and heap do not colour
 another's numbers) with ``--summary``, which writes its goal rows as JSON;
 their own tables are printed as they finish. The combined table lists, per
 row, arbax's number, the reference's, their ratio and the goal (the largest
-acceptable ratio). Rows for Flax NNX and Equinox appear when the ``bench``
+acceptable ratio); before it, the rows that measure several libraries are
+printed side by side, one column each for arbax, Flax NNX, Equinox and raw
+JAX (issue 18's table; ``—`` where a library has no such row, ``n/a`` where
+it is not installed). Rows for Flax NNX and Equinox appear when the ``bench``
 extra is installed (``pip install -e '.[bench]'``); goals measured against
 them read ``n/a`` without it.
 """
@@ -24,9 +27,11 @@ import sys
 import tempfile
 import time
 
+from _common import COLUMNS
+
 HERE = pathlib.Path(__file__).resolve().parent
 SCRIPTS = ['overhead', 'state_api', 'pytree_flatten', 'eager_forward', 'scan_eager', 'clone',
-           'state_heap', 'hijax_jit', 'construction', 'trace_step']
+           'state_heap', 'hijax_jit', 'construction', 'trace_step', 'containers']
 
 
 def fmt_value(value, unit: str) -> str:
@@ -53,6 +58,21 @@ def combined_table(rows: list[dict]) -> str:
     lines.append(f"| {r['row']} | {fmt_value(r['value'], r['unit'])} | {r['reference']} | "
                  f"{fmt_value(r['ref_value'], r['unit'])} | {ratio} | {goal} | {met} | "
                  f"{r['note']} |")
+  return '\n'.join(lines)
+
+
+def side_by_side(rows: list[dict]) -> str:
+  """The rows that measure each library, one column per library (issue 18's table)."""
+  lines = ['| what | ' + ' | '.join(COLUMNS) + ' | goal | met |',
+           '|---|' + '---|' * (len(COLUMNS) + 2)]
+  for r in rows:
+    columns = r.get('columns') or {}
+    if not columns:
+      continue
+    cells = [fmt_value(columns[lib], r['unit']) if lib in columns else '—' for lib in COLUMNS]
+    goal = (f"≤{r['goal']:g}× {r['reference']}" if r['goal'] is not None else '—')
+    met = {True: 'yes', False: '**no**', None: '—'}[r['met']]
+    lines.append(f"| {r['row']} | " + ' | '.join(cells) + f' | {goal} | {met} |')
   return '\n'.join(lines)
 
 
@@ -83,12 +103,14 @@ def main(argv=None) -> int:
       rows.extend(result['rows'])
       loads.append(f"{name}: {took:.0f} s, {result['load_start']} -> {result['load_end']}")
   table = combined_table(rows)
+  libraries = side_by_side(rows)
+  print(f'\n## Side by side: arbax, Flax NNX, Equinox, raw JAX\n\n{libraries}\n')
   print(f'\n## Combined: arbax against each goal\n\n{table}\n')
   print(f'total {time.perf_counter() - start:.0f} s; per script: ' + '; '.join(loads))
   if failed:
     print(f'failed: {", ".join(failed)}')
   if args.out:
-    pathlib.Path(args.out).write_text(table + '\n')
+    pathlib.Path(args.out).write_text(f'{libraries}\n\n{table}\n')
   return 1 if failed else 0
 
 

@@ -80,7 +80,8 @@ def main(argv=None) -> int:
   C.table(['variant', 'median per call', 'compiles per repeat', 'ratio to Flax NNX'], rows)
   summary = C.Summary('scan_eager')
   summary.add('nnx.scan outside jit, 12 layers', med['arbax'], ref_name or 'Flax NNX (not installed)',
-              ref, goal=GOAL, note=f"arbax compiles per repeat: {compiles['arbax']:g} (goal 0)")
+              ref, goal=GOAL, note=f"arbax compiles per repeat: {compiles['arbax']:g} (goal 0)",
+              columns={('raw JAX' if k.startswith('raw') else k): t for k, t in med.items()})
   summary.add('nnx.scan outside jit: compiles per repeat call', compiles['arbax'], 'none', None,
               goal=None, unit='count', note='goal 0')
   if args.profile:

@@ -88,7 +88,10 @@ def main(argv=None) -> int:
   summary = C.Summary('state_heap')
   summary.add(f'heap held after nnx.state ({2 * M.WIDE_LAYERS} Variables)',
               first['arbax nnx.state'][0], 'Flax NNX' if fnnx else 'Flax NNX (not installed)',
-              flax_held, goal=GOAL, unit='B')
+              flax_held, goal=GOAL, unit='B',
+              columns={'arbax': first['arbax nnx.state'][0], 'Flax NNX': flax_held,
+                       'Equinox': first.get('Equinox eqx.filter(is_array)', (None,))[0],
+                       'raw JAX': first['raw JAX: jax.tree.map copy (dicts)'][0]})
   if args.profile:
     fresh = M.wide_classes(nnx)(rngs=nnx.Rngs(0))  # a first call: nothing cached for it yet
     gc.collect()

@@ -52,6 +52,7 @@ import arbax as nnx
 
 GOAL = 1.15
 RAW = 'raw jax.jit (dicts)'
+FLAX = 'Flax NNX (graph mode: NNX default)'
 
 
 def xent(logits, targets):
@@ -187,7 +188,7 @@ def variant_runners(case: Case, model, params, fnnx, fmodel):
   if case.tree_mode:
     runners['arbax (tree mode)'] = nnx_runner(nnx, model, graph=False)
   if fnnx is not None:
-    runners['Flax NNX (graph mode: NNX default)'] = nnx_runner(fnnx, fmodel)
+    runners[FLAX] = nnx_runner(fnnx, fmodel)
   return runners
 
 
@@ -260,7 +261,8 @@ def main(argv=None) -> int:
       note = (f'trace + lower: {both[ours] / both[RAW]:.2f}x; trace with GC off: '
               f"{med[ours]['trace_no_gc'] / med[RAW]['trace_no_gc']:.2f}x; " + note)
     summary.add(f'tracing a train step, {case.name}', trace[ours], RAW, trace[RAW], goal=GOAL,
-                note=note)
+                note=note, columns={'arbax': trace[ours], 'Flax NNX': trace.get(FLAX),
+                                    'raw JAX': trace[RAW]})
     print(f'({case.name}: {repeats} repeat(s), {C.load_text()})')
     if args.profile:
       make = nnx_step_factory(nnx, case.loss)

@@ -15,8 +15,6 @@ import argparse
 import os
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn

@@ -52,7 +52,7 @@ def check_ensemble(make, x, n=2, apply=lambda m, x: m(x)):
   members = [member(layers, i) for i in range(n)]
   ys = nnx.jit(nnx.vmap(apply, in_axes=(0, None)))(layers, x)
   for i, m in enumerate(members):
-    jax.tree.map(lambda y, r: np.testing.assert_allclose(y[i], r, rtol=1e-5, atol=1e-6),
+    jax.tree.map(lambda y, r, i=i: np.testing.assert_allclose(y[i], r, rtol=1e-5, atol=1e-6),
                  ys, apply(m, x))
   assert_state_is_stack_of(layers, members)
   return layers

@@ -278,6 +278,28 @@ def test_clone_in_graph_mode_keeps_sharing():
   assert c.a is c.b and c.a is not p
 
 
+def test_pop_reaches_into_a_chain_of_a_thousand_modules():
+  class Link(nnx.Module):
+    def __init__(self, inner=None):
+      self.inner = inner
+      self.seen = nnx.Intermediate(jnp.ones(1))
+
+  node = None
+  for _ in range(1001):
+    node = Link(node)
+  popped = nnx.pop(node, nnx.Intermediate)
+  level = popped
+  for _ in range(1000):
+    assert set(level) == {'inner', 'seen'}
+    level = level['inner']
+  assert set(level) == {'seen'} and isinstance(level['seen'], nnx.Intermediate)
+  deepest = node
+  while deepest.inner is not None:
+    assert not hasattr(deepest, 'seen')
+    deepest = deepest.inner
+  assert not hasattr(deepest, 'seen')
+
+
 def test_pop_needs_a_filter_and_returns_one_state_per_filter():
   with pytest.raises(ValueError, match='at least one filter'):
     nnx.pop(Model())
@@ -862,3 +884,24 @@ def test_map_of_a_bare_variable_maps_it_as_the_leaf_at_the_empty_path():
   raw = nnx.map(double, v, recreate_variables=False)
   assert not isinstance(raw, nnx.Variable)
   np.testing.assert_array_equal(raw, [2.0, 2.0])
+
+
+def test_tree_mode_state_holds_plain_values_of_data_containers_and_round_trips_them():
+  class Tagged(nnx.Module):
+    def __init__(self):
+      self.parts = nnx.data([nnx.Param(jnp.array(3.0)), 4, 'tag'])
+      self.n = 5
+
+  model = Tagged()
+  graphdef, state = nnx.split(model, graph=False)
+  assert state['parts'][1] == 4 and state['parts'][2] == 'tag' and 'n' not in state
+  assert 'parts' in nnx.state(model, graph=False) and nnx.state(model, graph=True)['parts'].keys() == {0}
+  _, params, rest = nnx.split(model, nnx.Param, ..., graph=False)
+  assert set(params['parts']) == {0} and dict(rest['parts']) == {1: 4, 2: 'tag'}
+  state['parts'][1] = 8
+  back = nnx.merge(graphdef, state)
+  assert back.parts[1:] == [8, 'tag'] and back.n == 5 and float(back.parts[0][...]) == 3.0
+  nnx.update(model, state)
+  assert model.parts[1] == 8
+  graphdef, state = nnx.split(model, graph=True)   # graph mode: the int and str are structure
+  assert set(state['parts']) == {0} and nnx.merge(graphdef, state).parts[1:] == [8, 'tag']

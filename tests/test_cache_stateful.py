@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings, strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 import arbax as nnx
 from arbax import _structure, graph as graphlib
@@ -100,12 +100,12 @@ class Root(nnx.Module):
     self.blocks = nnx.List([Leafy(1.0)])
     self.table = nnx.Dict(a=nnx.Param(jnp.ones(2)))
     self.bag = nnx.data([])                      # an untracked plain list, data
-    self.later = []                              # static until it holds something
-    self.ints = {0: nnx.Param(jnp.ones(2))}      # non-string keys: stays a plain dict
-    self.ordered = collections.OrderedDict(a=nnx.Param(jnp.ones(2)))
+    self.later = nnx.data([])                    # data from the start: reset, then refilled
+    self.ints = nnx.data({0: nnx.Param(jnp.ones(2))})  # non-string keys: a plain dict
+    self.ordered = nnx.data(collections.OrderedDict(a=nnx.Param(jnp.ones(2))))
     self.pair = nnx.data((nnx.Param(jnp.ones(2)), []))  # a list inside a tuple
-    self.box = Box(nnx.Param(jnp.ones(2)))
-    self.stats = nnx.State({'a': nnx.BatchStat(jnp.zeros(2))})
+    self.box = nnx.data(Box(nnx.Param(jnp.ones(2))))
+    self.stats = nnx.data(nnx.State({'a': nnx.BatchStat(jnp.zeros(2))}))
     self.raw = nnx.data([jnp.ones(2)])
     self.scale = 1.0
 
@@ -220,6 +220,8 @@ class CacheMachine(RuleBasedStateMachine):
 
   @rule(kind=st.sampled_from(['param', 'module', 'static']))
   def add_extra(self, kind):
+    if 'extra' in vars(self.m):
+      del self.m.extra  # an attribute keeps the class of its first value (as in NNX)
     self.m.extra = {'param': lambda: nnx.Param(jnp.full(2, fresh_value())),
                     'module': lambda: Leafy(1.0), 'static': lambda: 3}[kind]()
 
@@ -255,7 +257,7 @@ class CacheMachine(RuleBasedStateMachine):
   @rule(reset=st.booleans())
   def fill_later(self, reset):
     if reset:
-      self.m.later = []  # static again: empty
+      self.m.later = []  # still data: the class is kept from the first assignment
     else:
       self.m.later.append(nnx.Param(jnp.full(2, fresh_value())))
 
@@ -390,12 +392,12 @@ def _container_cases():
     return fill
   cases = [
       ('nnx.data list', lambda p: nnx.data([p]), lambda c, p: c.append(p)),
-      ('int keys', lambda p: {0: p}, set_key(1)),
-      ('mixed keys', lambda p: {0: p, 'a': nnx.Param(jnp.ones(2))}, set_key('b')),
-      ('OrderedDict', lambda p: collections.OrderedDict(a=p), set_key('b')),
+      ('int keys', lambda p: nnx.data({0: p}), set_key(1)),
+      ('mixed keys', lambda p: nnx.data({0: p, 'a': nnx.Param(jnp.ones(2))}), set_key('b')),
+      ('OrderedDict', lambda p: nnx.data(collections.OrderedDict(a=p)), set_key('b')),
       ('list in tuple', lambda p: nnx.data((p, [])), lambda c, p: c[1].append(p)),
-      ('dataclass', lambda p: Box(p), lambda c, p: setattr(c, 'a', p)),
-      ('State', lambda p: nnx.State({'a': p}), set_key('b')),
+      ('dataclass', lambda p: nnx.data(Box(p)), lambda c, p: setattr(c, 'a', p)),
+      ('State', lambda p: nnx.data(nnx.State({'a': p})), set_key('b')),
   ]
   return [pytest.param(name, make, fill, id=name) for name, make, fill in cases]
 

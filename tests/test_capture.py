@@ -1,7 +1,6 @@
 """nnx.capture: sown and perturbed values come back as States, through transforms too."""
 import warnings
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -18,7 +18,10 @@ DN = {1: ('NHC', 'HIO', 'NHC'), 2: ('NHWC', 'HWIO', 'NHWC'), 3: ('NDHWC', 'DHWIO
 def reference_conv(x, kernel, bias=None, strides=1, padding='SAME', lhs_dilation=1,
                    rhs_dilation=1, groups=1):
   n = kernel.ndim - 2
-  rep = lambda v: (v,) * n if isinstance(v, int) else tuple(v)
+
+  def rep(v):
+    return (v,) * n if isinstance(v, int) else tuple(v)
+
   y = lax.conv_general_dilated(x, kernel, rep(strides), padding, lhs_dilation=rep(lhs_dilation),
                                rhs_dilation=rep(rhs_dilation), dimension_numbers=DN[n],
                                feature_group_count=groups)

@@ -251,10 +251,9 @@ def test_replacing_a_variable_after_a_call_is_seen():
 def test_list_mutation_invalidates_the_cached_plan():
   class Stack(nnx.Module):
     def __init__(self):
-      self.items = [nnx.Param(jnp.array(1.0))]
+      self.items = nnx.List([nnx.Param(jnp.array(1.0))])
 
   stack = Stack()
-  assert isinstance(stack.items, nnx.List)
 
   @nnx.jit
   def total(stack):
@@ -376,3 +375,21 @@ def test_graph_mode_output_with_its_own_shared_variable():
   assert out.a is out.b and float(out.a[...]) == pytest.approx(2 * float(model.w[0, 0]))
   fresh = nnx.jit(lambda m: Pair(*(2 * [nnx.Param(m.w[0, 0])])), graph=True)(model)
   assert fresh.a is fresh.b   # refs among new objects only: numbered without the inputs
+
+
+def test_tree_mode_traces_plain_numbers_held_next_to_variables_graph_mode_keeps_them_static():
+  seen = {}
+  tree = {'w': nnx.Param(jnp.array(2.0)), 'k': 3}
+
+  def scale(name):
+    def f(d):
+      seen[name] = d['k']
+      return d['w'][...] * d['k']
+    return f
+
+  assert float(nnx.jit(scale('tree'), graph=False)(tree)) == 6.0
+  assert isinstance(seen['tree'], jax.core.Tracer)   # a leaf of the state, as JAX would see it
+  assert float(nnx.jit(scale('graph'), graph=True)(tree)) == 6.0
+  assert seen['graph'] == 3 and tree['k'] == 3
+  with pytest.raises(TypeError, match=r"type <class 'str'>"):   # a str leaf is no array
+    nnx.jit(lambda d: d['w'][...], graph=False)({'w': nnx.Param(jnp.array(1.0)), 's': 'x'})

@@ -9,7 +9,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import arbax as nnx
-from arbax import sharding, spmd
+from arbax import spmd
 
 MESH1 = jax.make_mesh((1, 1), ('data', 'model'), axis_types=(jax.sharding.AxisType.Auto,) * 2)
 INIT = nnx.initializers.ones_init()

@@ -35,14 +35,14 @@ class Model(nnx.Module):
 def _rows(table: str) -> list[list[str]]:
   """The first line of each body row, split into stripped cells."""
   lines = table.splitlines()
-  body = lines[lines.index(next(l for l in lines if l.startswith('┡'))) + 1:]
-  starts = [0] + [i + 1 for i, l in enumerate(body) if l.startswith('├')]
+  body = lines[lines.index(next(line for line in lines if line.startswith('┡'))) + 1:]
+  starts = [0] + [i + 1 for i, line in enumerate(body) if line.startswith('├')]
   return [[c.strip() for c in body[i].split('│')[1:-1]] for i in starts
           if body[i].startswith('│')]
 
 
 def _header(table: str) -> list[str]:
-  line = next(l for l in table.splitlines() if l.startswith('┃'))
+  line = next(row for row in table.splitlines() if row.startswith('┃'))
   return [c.strip() for c in line.split('┃')[1:-1]]
 
 
@@ -68,10 +68,10 @@ def test_one_row_per_call_in_call_order_with_paths_types_and_shapes():
 def test_kind_cells_list_own_variables_and_the_total_below_the_object():
   table = nnx.tabulate(Model(nnx.Rngs(0)), jnp.ones((3, 4)), console_kwargs=PLAIN)
   lines = table.splitlines()
-  row = lines.index(next(l for l in lines if l.startswith('│ enc/proj')))
-  param_column = [l.split('│')[6].strip() for l in lines[row:row + 4]]
+  row = lines.index(next(line for line in lines if line.startswith('│ enc/proj')))
+  param_column = [line.split('│')[6].strip() for line in lines[row:row + 4]]
   assert param_column == ['bias: float32[6]', 'kernel: float32[4,6]', '', '30 (120 B)']
-  encoder_row = next(l for l in lines if l.startswith('│ enc/encode'))
+  encoder_row = next(line for line in lines if line.startswith('│ enc/encode'))
   assert encoder_row.split('│')[5].strip() == '12 (48 B)'  # the BatchStats below Encoder
 
 
@@ -168,14 +168,15 @@ def test_inputs_show_arrays_containers_keywords_none_and_empty_dicts():
 
   rows = nnx.tabulate(Routes(), jnp.ones((2, 5)), console_kwargs=PLAIN)
   text = rows.splitlines()
-  first = text.index(next(l for l in text if l.startswith('│ route')))
-  block = [l.split('│')[3].rstrip() for l in text[first:first + 3]]
+  first = text.index(next(line for line in text if line.startswith('│ route')))
+  block = [line.split('│')[3].rstrip() for line in text[first:first + 3]]
   assert block == [' - float32[2,5]', ' - {}', ' mode: None']
-  second = text.index(next(l for l in text[first + 3:] if l.startswith('│ route')))
-  block = [l.split('│')[3].rstrip() for l in text[second:second + 4]]
+  second = text.index(next(line for line in text[first + 3:] if line.startswith('│ route')))
+  block = [line.split('│')[3].rstrip() for line in text[second:second + 4]]
   assert block == [' - - float32[2,5]', '   - float32[5]', ' - k: int32[]', ' mode: fast']
-  assert [l.split('│')[4].strip() for l in text[first:first + 2]] == ['out: float32[2,5]', 'n: 2']
-  assert [l.split('│')[4].strip() for l in text[second:second + 4]] == [
+  assert [line.split('│')[4].strip() for line in text[first:first + 2]] == [
+      'out: float32[2,5]', 'n: 2']
+  assert [line.split('│')[4].strip() for line in text[second:second + 4]] == [
       'out:', '- float32[2,5]', '- float32[5]', 'n: 2']
 
 

@@ -349,6 +349,7 @@ class MultiHeadAttention(Module):
     key = self.key(inputs_k, out_sharding=qkv_sharding)
     value = self.value(inputs_v, out_sharding=qkv_sharding)
     if self.normalize_qk:
+      assert self.query_ln is not None and self.key_ln is not None  # built with normalize_qk
       query, key = self.query_ln(query), self.key_ln(key)
     if _first_set(decode, self.decode, what='decode'):
       key, value, mask = self._extend_cache(key, value, mask)

@@ -91,10 +91,10 @@ def canonicalize_dtype(*args, dtype=None, inexact: bool = True):
   return dtype
 
 
-T = tp.TypeVar('T')
+SeqT = tp.TypeVar('SeqT', bound=tp.Sequence[tp.Any])
 
 
-def promote_dtype(args: T, /, *, dtype=None, inexact: bool = True) -> T:
+def promote_dtype(args: SeqT, /, *, dtype=None, inexact: bool = True) -> SeqT:
   """Cast every array in the sequence ``args`` to one dtype; ``None`` entries stay ``None``."""
   values = [_as_array(a) for a in args]
   if uncast_dtype(*values, dtype=dtype, inexact=inexact) is not None:
@@ -102,7 +102,8 @@ def promote_dtype(args: T, /, *, dtype=None, inexact: bool = True) -> T:
   else:
     target = canonicalize_dtype(*values, dtype=dtype, inexact=inexact)
     cast = [None if a is None else jnp.asarray(a, target) for a in values]
-  return type(args)(cast) if isinstance(args, (tuple, list)) else cast
+  out = type(args)(cast) if isinstance(args, (tuple, list)) else cast
+  return tp.cast(SeqT, out)  # the container type given, which a checker cannot follow
 
 
 __all__: list[str] = []

@@ -74,7 +74,9 @@ class Embed(Module):
       return jnp.take(embedding, inputs, axis=0)
     # A gather cannot infer its output sharding when ids and table are sharded over
     # different axes; auto_axes lets the compiler place it, then lays out the result.
-    return jax.sharding.auto_axes(_take_rows, out_sharding=out_sharding)(embedding, inputs)
+    # auto_axes is unannotated in JAX: pyright takes its result for the decorator form too.
+    take = jax.sharding.auto_axes(_take_rows, out_sharding=out_sharding)
+    return take(embedding, inputs)  # pyright: ignore[reportCallIssue]
 
   def attend(self, query: jax.Array, out_sharding=None) -> jax.Array:
     """``query @ embedding.T``: the similarity of each query vector to every embedding."""

@@ -31,6 +31,7 @@ from arbax.api import iter_graph
 from arbax.module import Module
 from arbax.nn import initializers
 from arbax.nn.dtypes import canonicalize_dtype, promote_dtype as _promote_dtype, uncast_dtype
+from arbax.pytree import data
 from arbax.variables import BatchStat, Param, Variable
 
 _EMPTY: tp.Mapping[str, tp.Any] = {}
@@ -46,9 +47,17 @@ def _abs_sq(x):
   return lax.square(lax.real(x)) + lax.square(lax.imag(x)) if jnp.iscomplexobj(x) else lax.square(x)
 
 
+@tp.overload
+def _compute_stats(x, axes, dtype=None, *, axis_name=None, axis_index_groups=None,
+                   use_mean: tp.Literal[True] = True, use_fast_variance: bool = True, mask=None,
+                   keepdims: bool = False) -> tuple[jax.Array, jax.Array]: ...
+@tp.overload
+def _compute_stats(x, axes, dtype=None, *, axis_name=None, axis_index_groups=None,
+                   use_mean: bool, use_fast_variance: bool = True, mask=None,
+                   keepdims: bool = False) -> tuple[jax.Array | None, jax.Array]: ...
 def _compute_stats(x, axes, dtype=None, *, axis_name=None, axis_index_groups=None,
                    use_mean: bool = True, use_fast_variance: bool = True, mask=None,
-                   keepdims: bool = False):
+                   keepdims: bool = False) -> tuple[jax.Array | None, jax.Array]:
   """Mean and (biased) variance of ``x`` over ``axes``, in at least float32.
 
       >>> import jax.numpy as jnp
@@ -132,13 +141,12 @@ def _param(init, rngs, shape, param_dtype, metadata):
   return Param(initializers.initial_value(init, rngs.params(), shape, param_dtype), **metadata)
 
 
-def _scale_and_bias(module, shape, *, use_scale, use_bias, scale_init, bias_init, param_dtype,
-                    rngs, scale_metadata, bias_metadata):
+def _scale_and_bias(shape, *, use_scale, use_bias, scale_init, bias_init, param_dtype,
+                    rngs, scale_metadata, bias_metadata) -> tuple[Param | None, Param | None]:
   # Keys are drawn scale first, then bias.
-  module.scale = (_param(scale_init, rngs, shape, param_dtype, scale_metadata)
-                  if use_scale else None)
-  module.bias = (_param(bias_init, rngs, shape, param_dtype, bias_metadata)
-                 if use_bias else None)
+  scale = _param(scale_init, rngs, shape, param_dtype, scale_metadata) if use_scale else None
+  bias = _param(bias_init, rngs, shape, param_dtype, bias_metadata) if use_bias else None
+  return scale, bias
 
 
 def _value(v):
@@ -168,9 +176,10 @@ class BatchNorm(Module):
     # Running statistics stay float32 whatever the parameter dtype, so averages do not drift.
     self.mean = BatchStat(jnp.zeros(shape, jnp.float32))
     self.var = BatchStat(jnp.ones(shape, jnp.float32))
-    _scale_and_bias(self, shape, use_scale=use_scale, use_bias=use_bias, scale_init=scale_init,
-                    bias_init=bias_init, param_dtype=param_dtype, rngs=rngs,
-                    scale_metadata=scale_metadata, bias_metadata=bias_metadata)
+    self.scale, self.bias = _scale_and_bias(
+        shape, use_scale=use_scale, use_bias=use_bias, scale_init=scale_init,
+        bias_init=bias_init, param_dtype=param_dtype, rngs=rngs,
+        scale_metadata=scale_metadata, bias_metadata=bias_metadata)
     self.num_features = num_features
     self.use_running_average = use_running_average
     self.axis = axis
@@ -236,9 +245,10 @@ class LayerNorm(Module):
                promote_dtype=_promote_dtype, rngs,
                bias_metadata: tp.Mapping[str, tp.Any] = _EMPTY,
                scale_metadata: tp.Mapping[str, tp.Any] = _EMPTY):
-    _scale_and_bias(self, (num_features,), use_scale=use_scale, use_bias=use_bias,
-                    scale_init=scale_init, bias_init=bias_init, param_dtype=param_dtype,
-                    rngs=rngs, scale_metadata=scale_metadata, bias_metadata=bias_metadata)
+    self.scale, self.bias = _scale_and_bias(
+        (num_features,), use_scale=use_scale, use_bias=use_bias,
+        scale_init=scale_init, bias_init=bias_init, param_dtype=param_dtype,
+        rngs=rngs, scale_metadata=scale_metadata, bias_metadata=bias_metadata)
     self.num_features = num_features
     self.epsilon = epsilon
     self.dtype = dtype
@@ -314,27 +324,28 @@ class GroupNorm(Module):
                promote_dtype=_promote_dtype, rngs,
                bias_metadata: tp.Mapping[str, tp.Any] = _EMPTY,
                scale_metadata: tp.Mapping[str, tp.Any] = _EMPTY):
-    if (num_groups is None) == (group_size is None):
-      raise ValueError('Either `num_groups` or `group_size` should be specified. If '
-                       '`group_size` is to be specified, pass `num_groups=None` as argument to '
-                       'override the default `num_groups` value of 32.')
-    if num_groups is not None:
+    if num_groups is not None and group_size is None:
       if num_groups <= 0 or num_features % num_groups != 0:
         raise ValueError(f'Number of groups ({num_groups}) does not divide the number of '
                          f'channels ({num_features}).')
       group_size = num_features // num_groups
-    else:
+    elif group_size is not None and num_groups is None:
       if group_size <= 0 or num_features % group_size != 0:
         raise ValueError(f'Number of features ({num_features}) is not multiple of the group '
                          f'size ({group_size}).')
       num_groups = num_features // group_size
+    else:
+      raise ValueError('Either `num_groups` or `group_size` should be specified. If '
+                       '`group_size` is to be specified, pass `num_groups=None` as argument to '
+                       'override the default `num_groups` value of 32.')
     # Attributes in NNX's order (the repr lists them so); channels are num_groups * group_size.
     self.feature_axis = -1
     self.num_groups = num_groups
     self.group_size = group_size
-    _scale_and_bias(self, (num_features,), use_scale=use_scale, use_bias=use_bias,
-                    scale_init=scale_init, bias_init=bias_init, param_dtype=param_dtype,
-                    rngs=rngs, scale_metadata=scale_metadata, bias_metadata=bias_metadata)
+    self.scale, self.bias = _scale_and_bias(
+        (num_features,), use_scale=use_scale, use_bias=use_bias,
+        scale_init=scale_init, bias_init=bias_init, param_dtype=param_dtype,
+        rngs=rngs, scale_metadata=scale_metadata, bias_metadata=bias_metadata)
     self.epsilon = epsilon
     self.dtype = dtype
     self.param_dtype = param_dtype
@@ -385,9 +396,10 @@ class InstanceNorm(Module):
                use_fast_variance: bool = True, promote_dtype=_promote_dtype, rngs,
                bias_metadata: tp.Mapping[str, tp.Any] = _EMPTY,
                scale_metadata: tp.Mapping[str, tp.Any] = _EMPTY):
-    _scale_and_bias(self, (num_features,), use_scale=use_scale, use_bias=use_bias,
-                    scale_init=scale_init, bias_init=bias_init, param_dtype=param_dtype,
-                    rngs=rngs, scale_metadata=scale_metadata, bias_metadata=bias_metadata)
+    self.scale, self.bias = _scale_and_bias(
+        (num_features,), use_scale=use_scale, use_bias=use_bias,
+        scale_init=scale_init, bias_init=bias_init, param_dtype=param_dtype,
+        rngs=rngs, scale_metadata=scale_metadata, bias_metadata=bias_metadata)
     self.num_features = num_features
     self.epsilon = epsilon
     self.dtype = dtype
@@ -473,7 +485,7 @@ class WeightNorm(Module):
       for path, v in _selected_variables(layer_instance, variable_filter):
         shape = tuple(v.shape[a] for a in self._feature_axes(v.ndim))
         scales[path] = Param(initializers.initial_value(scale_init, rngs.params(), shape, param_dtype))
-      self.scales = scales
+      self.scales = data(scales)  # a plain dict keyed by path, data (as in NNX)
     else:
       self.scales = None
 
@@ -535,7 +547,7 @@ class SpectralNorm(Module):
       stats[(*path, 'u')] = BatchStat(
           initializers.initial_value(u_init, rngs.params(), (1, v.shape[-1]), param_dtype))
       stats[(*path, 'sigma')] = BatchStat(jnp.ones((), param_dtype))
-    self.batch_stats = stats
+    self.batch_stats = data(stats)  # a plain dict keyed by path, data (as in NNX)
 
   def _is_normalized(self, path, ndim: int) -> bool:
     if ndim <= 1 or self.n_steps < 1:

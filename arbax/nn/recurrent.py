@@ -62,10 +62,16 @@ class RNNCellBase(Module):
     raise NotImplementedError(f'{type(self).__name__} must define num_feature_axes.')
 
 
-def _keep_rngs(rngs: Rngs, keep: bool):
+# Warnings from the cell helpers below point at the user's constructor call: helper, the
+# cell's __init__, the Module metaclass's __call__, then the caller.
+_CELL_CALLER = 4
+
+
+def _keep_rngs(rngs: Rngs, keep: bool) -> RngStream | None:
   if not keep:
     return data(None)
-  warnings.warn('keep_rngs is deprecated: pass rngs to initialize_carry / RNN.__call__ instead.')
+  warnings.warn('keep_rngs is deprecated: pass rngs to initialize_carry / RNN.__call__ instead.',
+                stacklevel=_CELL_CALLER)
   return rngs.carry.fork()
 
 
@@ -73,7 +79,7 @@ def _store_carry_init(carry_init):
   if carry_init:
     warnings.warn('carry_init given to the cell constructor: pass it to `initialize_carry` '
                   'instead. Cells built with different carry_init functions have different '
-                  'graphdefs.')
+                  'graphdefs.', stacklevel=_CELL_CALLER)
   return carry_init
 
 
@@ -81,6 +87,11 @@ class _HiddenCell(RNNCellBase):
   """Shared carry logic of the cells whose carry is ``n_states`` arrays of ``hidden_features``."""
 
   _n_states = 1
+  # Set by each cell's __init__ (declared here for the shared code below).
+  hidden_features: int
+  param_dtype: tp.Any
+  rngs: RngStream | None
+  carry_init: tp.Any
 
   def initialize_carry(self, input_shape: tuple[int, ...], rngs: Rngs | RngStream | None = None,
                        carry_init=None) -> Carry:
@@ -104,7 +115,7 @@ class _HiddenCell(RNNCellBase):
 
 
 def _linear(n_in, n_out, *, use_bias, kernel_init, cell, rngs, kernel_metadata,
-            bias_init=default_bias_init, bias_metadata=_NO_METADATA):
+            bias_init=default_bias_init, bias_metadata: tp.Mapping[str, tp.Any] = _NO_METADATA):
   return Linear(n_in, n_out, use_bias=use_bias, kernel_init=kernel_init, bias_init=bias_init,
                 dtype=cell.dtype, param_dtype=cell.param_dtype, promote_dtype=cell.promote_dtype,
                 rngs=rngs, kernel_metadata=kernel_metadata,
@@ -362,10 +373,11 @@ def _scan_cell(cell, carry, inputs, *, state_axes, broadcast_rngs, unroll, keep_
   """``lax.scan`` of ``cell`` over axis 0 of ``inputs``; the cell's state follows ``state_axes``.
 
   ``None``: the same value every step, updates dropped; an int: sliced along
-  that axis per step and re-stacked; ``nnx.Carry``: threaded through the steps. Returns ``(carry, outputs)`` or, with ``keep_carries``,
-  ``(carry, (carries, outputs))``.
+  that axis per step and re-stacked; ``nnx.Carry``: threaded through the steps.
+  Returns ``(carry, outputs)`` or, with ``keep_carries``, ``(carry, (carries, outputs))``.
   """
-  axes = [(filterlib.All(RngState, broadcast_rngs), None)] if broadcast_rngs is not None else []
+  axes: list[tuple[tp.Any, tp.Any]] = (
+      [(filterlib.All(RngState, broadcast_rngs), None)] if broadcast_rngs is not None else [])
   axes += list(state_axes.items())
   if not any(f is ... for f, _ in axes):
     axes.append((..., CarryAxis))
@@ -463,7 +475,7 @@ class RNN(Module):
     finally:
       if restore is not None:
         restore()
-    if keep_carries:
+    if keep_carries and seq_lengths is not None:  # (keep_carries implies seq_lengths)
       carries, outputs = outputs
       carry = _last_valid(carries, seq_lengths)
     outputs = jax.tree.map(lambda y: jnp.moveaxis(y, 0, time_axis), outputs)
@@ -517,7 +529,8 @@ class Bidirectional(Module):
       rngs = rngs.carry
     forward_carry, backward_carry = (None, None) if initial_carry is None else initial_carry
     if self.forward_rnn is self.backward_rnn:
-      warnings.warn('forward_rnn and backward_rnn are the same object, so they share parameters.')
+      warnings.warn('forward_rnn and backward_rnn are the same object, so they share parameters.',
+                    stacklevel=2)
     carry_f, out_f = self.forward_rnn(inputs, initial_carry=forward_carry, rngs=rngs,
                                       seq_lengths=seq_lengths, return_carry=True,
                                       time_major=time_major, reverse=False)

@@ -19,7 +19,6 @@ Variables are unwrapped on the way in and written in place on the way out.
 """
 from __future__ import annotations
 
-import typing as tp
 
 import jax
 import jax.numpy as jnp

@@ -46,7 +46,9 @@ _set = object.__setattr__
 try:  # JAX's marker for the entry point of a transform: tracebacks are filtered below it
   from jax._src.traceback_util import api_boundary
 except ImportError:  # another JAX layout: unfiltered tracebacks
-  def api_boundary(fun, **_):
+  _F = tp.TypeVar('_F', bound=tp.Callable)
+
+  def api_boundary(fun: _F) -> _F:
     return fun
 
 
@@ -272,7 +274,7 @@ def make_plan(args: tuple, kwargs: dict, *, graph: bool, static_positions: froze
   for i, path in enumerate(fl.paths):
     starts.setdefault(path[:2], [i, i])[1] = i + 1
   groups = []
-  for pos, value in graph_objs:
+  for pos, _ in graph_objs:
     k = (0, pos) if isinstance(pos, int) else (1, pos)
     groups.append(tuple(starts.get(k, (0, 0))))
   key = CallKey(fl.graphdef, tuple(kinds), tuple(sorted(kwargs)), tuple(b - a for a, b in groups),
@@ -355,7 +357,7 @@ def object_prefix(spec, path: tuple, leaf) -> tuple[bool, tp.Any]:
         break
       node = node.__dict__[key]
     elif isinstance(node, (dict, list, tuple, Pytree)):
-      node = node[key]
+      node = tp.cast(tp.Any, node)[key]  # a Pytree here is a container one (nnx.List, ...)
     else:
       break  # a value above the leaf: a prefix applies to everything below it
   return True, node
@@ -485,7 +487,7 @@ def _hashable_statics(statics):
     raise ValueError(f'static arguments must be hashable: {e}') from None
 
 
-def plan_still_valid(plan: Plan | None, args: tuple, kwargs: dict) -> bool:
+def plan_still_valid(plan: Plan | None, args: tuple, kwargs: dict) -> tp.TypeGuard[Plan]:
   """The cheap per-call check that lets a steady loop reuse the last plan."""
   if plan is None or plan.graph_objs is None or plan.epoch != _settings.EPOCH[0]:
     return False

@@ -380,7 +380,7 @@ class _Plans:
     self.graph = graph
     self.context = context
     self.static_argnums = static_argnums
-    self.plan = None
+    self.plan: prop.Plan | None = None
 
   def get(self, args: tuple, kwargs: dict) -> prop.Plan:
     plan = self.plan
@@ -805,11 +805,13 @@ class CustomVjp:
     residuals = prop.build_output(res_out.out_def, res_out.out_leaves)
     args = prop.Inner(call.key, inputs).args  # fresh objects: bwd may not change the primals
     nondiff = [args[i] for i in self.nondiff]
+    bwd = self.bwd
+    assert bwd is not None  # _fwd, which runs first, refused a missing defvjp
     if self.tracking:
-      cts = self.bwd(*nondiff, residuals, self._graph_cotangents(call, g))
+      cts = bwd(*nondiff, residuals, self._graph_cotangents(call, g))
     else:
-      extra = {'updates_g': self._updates_g(call, g)} if _accepts(self.bwd, 'updates_g') else {}
-      cts = self.bwd(*nondiff, residuals, prop.build_output(g.out_def, g.out_leaves), **extra)
+      extra = {'updates_g': self._updates_g(call, g)} if _accepts(bwd, 'updates_g') else {}
+      cts = bwd(*nondiff, residuals, prop.build_output(g.out_def, g.out_leaves), **extra)
     if not isinstance(cts, (tuple, list)) or len(cts) != len(call.positions):
       is_seq = isinstance(cts, (tuple, list))
       got = f'a tuple of length {len(cts)}' if is_seq else type(cts).__name__
@@ -938,7 +940,7 @@ def _output_tree(out_def, out_leaves):
   """The graph-updates cotangent of a custom_vjp output: arrays as arrays, Pytrees as States."""
   if isinstance(out_def, tuple) and out_def and out_def[0] == prop.WITH_INPUTS:
     out_def = out_def[1]
-  root = out_def.root if hasattr(out_def, 'root') else out_def
+  root = getattr(out_def, 'root', out_def)
   return _gradient_tree(root, iter(out_leaves))
 
 
@@ -1043,9 +1045,9 @@ def remat(f=None, *, prevent_cse: bool = True, static_argnums: int | tuple[int, 
   Returns:
     The wrapped function; repeated calls with the same structure reuse JAX's trace.
   """
-  options = dict(prevent_cse=prevent_cse, static_argnums=static_argnums, policy=policy,
-                 graph=_settings.graph_mode(graph),
-                 graph_updates=_settings.graph_updates(graph_updates))
+  options: dict[str, tp.Any] = dict(
+      prevent_cse=prevent_cse, static_argnums=static_argnums, policy=policy,
+      graph=_settings.graph_mode(graph), graph_updates=_settings.graph_updates(graph_updates))
 
   def wrap(fun):
     prop.refuse_bound_method(fun, 'remat')

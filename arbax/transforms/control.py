@@ -83,9 +83,9 @@ class _LastPlan:
 
   def __init__(self, context: str):
     self.context = context
-    self.plans: dict = {}
+    self.plans: dict[bool, prop.Plan] = {}
 
-  def get(self, args: tuple, kwargs: dict, graph: bool):
+  def get(self, args: tuple, kwargs: dict, graph: bool) -> prop.Plan:
     plan = self.plans.get(graph)
     if not prop.plan_still_valid(plan, args, kwargs):
       plan = prop.make_plan(args, kwargs, graph=graph, context=self.context)

@@ -22,6 +22,7 @@ alone::
 from __future__ import annotations
 
 import jax
+from jax.core import Tracer
 
 # Calls between two waits. The deadlock needs ~40 multi-device computations queued;
 # 2 * EVERY stays well below that and still overlaps Python with the computations.
@@ -33,10 +34,10 @@ def first_array(result) -> jax.Array | None:
   likely to donate them than the updated state), else an updated Variable value. A call
   made while tracing an outer transform produces tracers: nothing to wait for."""
   for leaf in result.out_leaves:
-    if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer):
+    if isinstance(leaf, jax.Array) and not isinstance(leaf, Tracer):
       return leaf
   for leaf in result.values:
-    if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer):
+    if isinstance(leaf, jax.Array) and not isinstance(leaf, Tracer):
       return leaf
   return None
 

@@ -65,7 +65,16 @@ __all__ = ['Carry', 'StateAxes', 'vmap', 'pmap', 'scan', 'fori_loop', 'while_loo
 
 
 class Carry:
-  """Marker for ``scan``'s ``in_axes`` / ``out_axes``: this argument (and output) is the carry."""
+  """Marker for ``scan``'s ``in_axes`` / ``out_axes``: this argument (and output) is the carry.
+
+      >>> import jax.numpy as jnp, arbax as nnx
+      >>> @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+      ... def cumsum(total, x):
+      ...   total = total + x
+      ...   return total, total
+      >>> cumsum(jnp.array(0.0), jnp.arange(4.0))
+      (Array(6., dtype=float32), Array([0., 1., 3., 6.], dtype=float32))
+  """
 
 
 def _is_axis(x) -> bool:
@@ -83,6 +92,13 @@ class StateAxes(collections.abc.Mapping):
   filter it matches. Values are an int, ``None`` or ``nnx.Carry`` (scan only).
   A ``State`` of per-Variable axes works too: ``nnx.StateAxes(state)``. Only
   graph mode with graph updates takes StateAxes; elsewhere use ``nnx.prefix``.
+
+      >>> import jax.numpy as jnp, arbax as nnx
+      >>> model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+      >>> axes = nnx.StateAxes({nnx.Param: None, ...: 0})   # params shared, the rest mapped
+      >>> ys = nnx.vmap(lambda m, x: m(x), in_axes=(axes, 0))(model, jnp.ones((5, 2)))
+      >>> ys.shape
+      (5, 3)
   """
 
   def __init__(self, filter_axes, /):
@@ -463,6 +479,7 @@ class _Mapped:
   """Shared by vmap and pmap: leaves in with their axes, updates and outputs out with theirs."""
 
   name = ''
+  __call__: tp.Callable[..., tp.Any]  # each subclass defines it
 
   def __init__(self, fun, *, in_axes, out_axes, graph, graph_updates, transform_metadata):
     functools.update_wrapper(self, fun)
@@ -697,8 +714,8 @@ class PmapWrapped(_Mapped):
     as_tuple = lambda x: (x,) if isinstance(x, int) else tuple(x)  # noqa: E731
     self.static_argnums = frozenset(as_tuple(static_broadcasted_argnums))
     self.donate_argnums = frozenset(as_tuple(donate_argnums))
-    self.pmap_kwargs = dict(axis_name=axis_name, devices=devices, backend=backend,
-                            axis_size=axis_size)
+    self.pmap_kwargs: dict[str, tp.Any] = dict(axis_name=axis_name, devices=devices,
+                                               backend=backend, axis_size=axis_size)
 
   def _donated(self, plan: prop.Plan) -> tuple:
     """Indices among the dynamic inputs of the donated positional arguments."""
@@ -731,6 +748,12 @@ def pmap(f=None, *, axis_name=None, in_axes: tp.Any = 0, out_axes: tp.Any = 0,
          graph_updates: bool | None = None):
   """``jax.pmap`` for functions of objects; axes work as in ``nnx.vmap``.
 
+      >>> import jax, jax.numpy as jnp, arbax as nnx
+      >>> model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+      >>> n = jax.local_device_count()
+      >>> nnx.pmap(lambda m, x: m(x), in_axes=(None, 0))(model, jnp.ones((n, 4, 2))).shape[1:]
+      (4, 3)
+
   Args:
     f: the function (omit it to use ``nnx.pmap(...)`` as a decorator).
     axis_name, static_broadcasted_argnums, devices, backend, axis_size, donate_argnums:
@@ -752,7 +775,10 @@ def pmap(f=None, *, axis_name=None, in_axes: tp.Any = 0, out_axes: tp.Any = 0,
 
 # -- scan ----------------------------------------------------------------------
 
-def _carry_position(axes, name: str):
+_CarryAt = tp.Literal['all'] | int | None  # where the carry is: all of it, an argument, or none
+
+
+def _carry_position(axes, name: str) -> _CarryAt:
   """Where ``Carry`` is in ``axes``: ``'all'`` (axes is Carry), an argument index, or None."""
   if axes is Carry:
     return 'all'
@@ -761,7 +787,7 @@ def _carry_position(axes, name: str):
   for key_path, leaf in jax.tree_util.tree_flatten_with_path(axes, is_leaf=is_leaf)[0]:
     if leaf is not Carry:
       continue
-    if len(key_path) > 1 or not isinstance(axes, (tuple, list)):
+    if len(key_path) != 1 or not isinstance(axes, (tuple, list)):  # never 0: axes is not Carry
       raise ValueError('Carry must be a top-level argument, it cannot be nested. Found Carry '
                        f'inside {name} at path {jax.tree_util.keystr(key_path)}')
     found.append(key_path[0].idx)
@@ -795,14 +821,14 @@ def _back(x, axis):
   return x if axis == 0 else jnp.moveaxis(x, 0, axis)
 
 
-def _value_at(obj, path: tuple):
+def _value_at(obj, path: tuple[tp.Any, ...]):
   """The element of the container ``obj`` at a graph path (indices, keys, attribute names)."""
   for key in path:
     if isinstance(obj, collections.abc.Mapping) or (
         isinstance(key, int) and isinstance(obj, (tuple, list))):
       obj = obj[key]
     else:
-      obj = getattr(obj, key)
+      obj = getattr(obj, tp.cast(str, key))  # an attribute name
   return obj
 
 
@@ -873,15 +899,15 @@ class ScanWrapped:
     check_prefix(out_axes, 'out_axes', 'scan', self.graph, self.graph_updates)
     check_prefix(in_axes, 'in_axes', 'scan', self.graph, self.graph_updates)
     _check_scan_out_axes(out_axes)
-    self.in_carry = _carry_position(in_axes, 'in_axes')
-    self.out_carry = _carry_position(out_axes, 'out_axes')
+    self.in_carry: _CarryAt = _carry_position(in_axes, 'in_axes')
+    self.out_carry: _CarryAt = _carry_position(out_axes, 'out_axes')
     if (self.in_carry is None) != (self.out_carry is None):
       raise ValueError('If one of in_axes or out_axes has Carry, the other must also have Carry. '
                        f'Got in_axes={in_axes!r}, out_axes={out_axes!r}')
     self.in_axes = tuple(in_axes) if isinstance(in_axes, list) else in_axes
     self.out_axes = tuple(out_axes) if isinstance(out_axes, list) else out_axes
-    self.scan_options = dict(length=length, reverse=reverse, unroll=unroll,
-                             _split_transpose=_split_transpose)
+    self.scan_options: dict[str, tp.Any] = dict(length=length, reverse=reverse, unroll=unroll,
+                                                _split_transpose=_split_transpose)
     self.transform_metadata = transform_metadata
     self._change = _partition(transform_metadata)
     self._signature = _Signature(fun)
@@ -951,7 +977,7 @@ class ScanWrapped:
     if self.out_carry == 'all':
       return carry
     out = list(ys)
-    out[self.out_carry] = carry
+    out[tp.cast(int, self.out_carry)] = carry  # not None: carry_pos is set, so out_carry is too
     return tuple(out)
 
   def _compiled_for(self, plan: prop.Plan, call: _ScanCall, args):
@@ -1238,9 +1264,10 @@ def scan(f=None, *, length: int | None = None, reverse: bool = False, unroll: in
       >>> nnx.scan(lambda c, x: (c + x, c))(jnp.array(0.), jnp.arange(4.))[0]
       Array(6., dtype=float32)
   """
-  options = dict(length=length, reverse=reverse, unroll=unroll, _split_transpose=_split_transpose,
-                 in_axes=in_axes, out_axes=out_axes, transform_metadata=transform_metadata,
-                 graph=graph, graph_updates=graph_updates)
+  options: dict[str, tp.Any] = dict(
+      length=length, reverse=reverse, unroll=unroll, _split_transpose=_split_transpose,
+      in_axes=in_axes, out_axes=out_axes, transform_metadata=transform_metadata,
+      graph=graph, graph_updates=graph_updates)
   if f is None:
     return lambda fun: scan(fun, **options)
   prop.refuse_bound_method(f, 'scan')

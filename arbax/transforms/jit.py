@@ -60,10 +60,11 @@ class JitWrapped:
     _check_sharding_prefix(out_shardings, 'out_shardings', self.graph)
     self._in_shardings = in_shardings
     self._out_shardings = out_shardings
-    self._jit_kwargs = dict(keep_unused=keep_unused, device=device, backend=backend, inline=inline)
+    self._jit_kwargs: dict[str, tp.Any] = dict(keep_unused=keep_unused, device=device,
+                                               backend=backend, inline=inline)
     self._jitted: dict = {}   # (donated input positions, shardings) -> jax.jit object
-    self._plan = None
-    self._last_jitted = None
+    self._plan: prop.Plan | None = None
+    self._last_jitted: tp.Any = None  # the jax.jit object for self._plan
     self._inflight = UNDECIDED  # bounds calls queued ahead on several CPU devices (inflight.py)
     try:
       self._signature = inspect.signature(fun)
@@ -197,7 +198,7 @@ class JitWrapped:
     plan, jitted = self._prepare(args, kwargs)
     result = jitted.eval_shape(plan.key, *prop.split_inputs(plan, args, kwargs))
     if result.changed is prop.RESTRUCTURED:
-      return prop.build_output(*result.out_def[1:2], result.out_leaves)[1]
+      return prop.build_output(result.out_def[1], result.out_leaves)[1]
     return prop.build_output(result.out_def, result.out_leaves, plan.nodes)
 
 
@@ -249,6 +250,18 @@ def jit(fun: tp.Callable | None = None, *, in_shardings=None, out_shardings=None
   the caller's object. ``graph_updates=False`` carries Variable values only; tree mode
   (``graph=False``) also refuses shared Variables with a ValueError naming both paths.
 
+      >>> import jax.numpy as jnp, arbax as nnx
+      >>> class Counter(nnx.Module):
+      ...   def __init__(self):
+      ...     self.count = nnx.BatchStat(jnp.array(0))
+      >>> @nnx.jit
+      ... def step(counter, x):
+      ...   counter.count[...] += 1
+      ...   return x * 2
+      >>> counter = Counter()
+      >>> step(counter, jnp.ones(2)), int(counter.count[...])
+      (Array([2., 2.], dtype=float32), 1)
+
   Args:
     fun: the function; its arguments may hold Modules, Variables, States and arrays.
     in_shardings / out_shardings: as ``jax.jit``; for an object, one sharding, an
@@ -260,11 +273,12 @@ def jit(fun: tp.Callable | None = None, *, in_shardings=None, out_shardings=None
   Returns:
     A ``JitWrapped`` callable (with ``lower``, ``trace``, ``eval_shape``).
   """
-  options = dict(in_shardings=in_shardings, out_shardings=out_shardings,
-                 static_argnums=static_argnums, static_argnames=static_argnames,
-                 donate_argnums=donate_argnums, donate_argnames=donate_argnames,
-                 keep_unused=keep_unused, device=device, backend=backend, inline=inline,
-                 graph=graph, graph_updates=graph_updates)
+  options: dict[str, tp.Any] = dict(
+      in_shardings=in_shardings, out_shardings=out_shardings,
+      static_argnums=static_argnums, static_argnames=static_argnames,
+      donate_argnums=donate_argnums, donate_argnames=donate_argnames,
+      keep_unused=keep_unused, device=device, backend=backend, inline=inline,
+      graph=graph, graph_updates=graph_updates)
   if fun is None:
     return lambda f: jit(f, **options)
   prop.refuse_bound_method(fun, 'jit')
@@ -283,6 +297,12 @@ def jit_partial(fun: tp.Callable, *partial_args, in_shardings=None, out_sharding
   ValueError naming both paths); each call reuses their cached flattening, so only their
   current values are gathered, and updates reach them as with ``nnx.jit``. ``in_shardings``,
   when a tuple, has an entry per argument, bound ones first.
+
+      >>> import jax.numpy as jnp, arbax as nnx
+      >>> model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+      >>> forward = nnx.jit_partial(lambda m, x: m(x), model)
+      >>> forward(jnp.ones((3, 2))).shape
+      (3, 1)
 
   Args:
     fun: the function; its first ``len(partial_args)`` parameters receive ``partial_args``.

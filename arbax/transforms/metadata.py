@@ -88,8 +88,16 @@ def _check_outputs_are_new(mapped_out, inputs: dict) -> None:
           'Variable (nnx.clone(...) or Variable.copy()) or return its value instead.')
 
 
-def transform_metadata(f: F | None = None, *, in_axes: tp.Any = 0, out_axes: tp.Any = 0,
-                       partition: str | None, graph: bool | None = None):
+@tp.overload
+def transform_metadata(f: F, *, in_axes: tp.Any = 0, out_axes: tp.Any = 0,
+                       partition: str | None, graph: bool | None = None) -> F: ...
+@tp.overload
+def transform_metadata(f: None = None, *, in_axes: tp.Any = 0, out_axes: tp.Any = 0,
+                       partition: str | None, graph: bool | None = None
+                       ) -> tp.Callable[[F], F]: ...
+def transform_metadata(f: tp.Callable | None = None, *, in_axes: tp.Any = 0,
+                       out_axes: tp.Any = 0, partition: str | None, graph: bool | None = None
+                       ) -> tp.Any:
   """Remove the ``partition`` axis from the sharding metadata of inputs while ``f`` runs.
 
   Inside ``f`` each input Variable mapped by ``in_axes`` has the name at its

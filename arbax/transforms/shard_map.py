@@ -94,6 +94,30 @@ def shard_map(f: tp.Callable | type[_Missing] = _Missing, *, mesh, in_specs, out
 
   ``in_specs`` has one entry per positional argument (or one for all);
   ``out_specs`` is a prefix of the output. Use as ``@nnx.shard_map(mesh=..., ...)``.
+  For a Module the spec is one ``PartitionSpec`` for all its Variables, an
+  ``nnx.StateSharding({filter: spec})`` or a tree shaped like ``nnx.state(module)``;
+  Variable updates made per shard reach the caller's Module.
+
+      >>> import jax, jax.numpy as jnp, arbax as nnx
+      >>> from jax.sharding import PartitionSpec as P
+      >>> mesh = jax.make_mesh((1,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+      >>> model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+      >>> @nnx.shard_map(mesh=mesh, in_specs=(P(), P('data')), out_specs=P('data'))
+      ... def forward(model, x):
+      ...   return model(x)
+      >>> forward(model, jnp.ones((4, 2))).shape
+      (4, 3)
+
+  Args:
+    f: the function (omit it to use ``nnx.shard_map(...)`` as a decorator).
+    mesh: the device mesh.
+    in_specs: one spec per positional argument, or one for all.
+    out_specs: a prefix of the output's structure with specs.
+    axis_names, check_vma: as ``jax.shard_map``.
+    graph / graph_updates: override ``nnx.set_graph_mode`` / ``nnx.set_graph_updates``.
+
+  Returns:
+    The per-device function, called with the global arguments.
   """
   if f is not _Missing:
     prop.refuse_bound_method(f, 'shard_map')

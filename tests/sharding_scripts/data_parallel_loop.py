@@ -121,7 +121,7 @@ def run(args, donate: bool) -> dict:
       first = loss
     recent.append(loss)
     if step % 4 == 0:
-      max_pending = max(max_pending, sum(not l.is_ready() for l in recent))
+      max_pending = max(max_pending, sum(not queued.is_ready() for queued in recent))
   if donate:
     loss = evaluate(model, batches[(args.steps - 1) % len(batches)])
   kernel_sharding = model.linear1.kernel[...].sharding
