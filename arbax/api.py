@@ -39,7 +39,7 @@ from arbax.errors import TraceContextError, format_path
 from arbax.defs import LEAF_DEF, STATIC
 from arbax.graph import (NO_FIT, GraphDef, Flattened, state_mapping, flatten as _flatten,
                          flatten_cached, merged_leaves, path_order, walk)
-from arbax.pytree import List, Pytree, node_parts
+from arbax.pytree import List, Pytree
 from arbax.refmaps import IndexMap, RefMap, flatten_indexed, unflatten_indexed
 from arbax.state import (FlatState, GraphState, State, compile_builder, flat_dict, from_flat_state,
                          skeleton, unmatched_error, map_state)
@@ -197,7 +197,13 @@ def _live_states(node, filters: tuple, graph: bool | None, context: str):
   return states[0] if len(states) == 1 else states
 
 
-def state(node, *filters, graph: bool | None = None):
+@tp.overload
+def state(node, /, *, graph: bool | None = None) -> State: ...
+@tp.overload
+def state(node, filter, /, *, graph: bool | None = None) -> State: ...
+@tp.overload
+def state(node, filter, filter2, /, *filters, graph: bool | None = None) -> tuple[State, ...]: ...
+def state(node, *filters, graph: bool | None = None) -> tp.Any:
   """The State of ``node``: its live Variables, one State per filter.
 
   Unlike ``split``, leaves that no filter matches are simply left out, and there
@@ -326,7 +332,7 @@ def _graphdef_and_states(first, states):
 
 
 def merge(graphdef: GraphDef | GraphState, /, *states, copy: bool = False,
-          recreate_variables: bool = True):
+          recreate_variables: bool = True) -> tp.Any:
   """Build an object from a GraphDef and the States ``split`` returned (or from GraphStates).
 
   The new object holds the States' Variables themselves (shared with the
@@ -543,7 +549,7 @@ def _add_path(node, path, new) -> None:
 def _child(obj, key):
   if isinstance(obj, Pytree) and not isinstance(obj, List) and not hasattr(type(obj), '__getitem__'):
     return getattr(obj, key)
-  return obj[key]
+  return tp.cast(tp.Any, obj)[key]  # a container, or a Pytree whose class defines __getitem__
 
 
 def _get_by_path(root, path):
@@ -558,7 +564,7 @@ def _set_by_path(root, path, value):
   if isinstance(parent, Pytree) and isinstance(key, str) and not hasattr(type(parent), '__setitem__'):
     setattr(parent, key, value)
   else:
-    parent[key] = value
+    tp.cast(tp.Any, parent)[key] = value  # a container, or a Pytree defining __setitem__
 
 
 def _del_by_path(root, path):
@@ -567,7 +573,7 @@ def _del_by_path(root, path):
   if isinstance(parent, Pytree) and isinstance(key, str) and not hasattr(type(parent), '__delitem__'):
     delattr(parent, key)
   else:
-    del parent[key]
+    del tp.cast(tp.Any, parent)[key]  # a container, or a Pytree defining __delitem__
 
 
 # -- clone / pop --------------------------------------------------------------
@@ -599,7 +605,8 @@ def clone(node, variables: bool = True, *, arrays: bool = False, graph: bool | N
   Returns:
     The copy.
   """
-  fl = _flatten(node, graph=graph, context='tree-mode clone')
+  # The cached flattening (as split's): cloning the same model again walks nothing.
+  fl, _ = flatten_cached(node, graph=graph, context='tree-mode clone')
   leaves = fl.leaves
   if arrays:
     leaves = [_copy_array(x) for x in leaves]

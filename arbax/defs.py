@@ -66,6 +66,11 @@ class _Def(tuple):
     """``((key, child def), ...)``: none for a leaf or a static value."""
     return ()
 
+  @property
+  def ref_slot(self) -> bool:
+    """Whether a number for a Ref follows this def's own (only a ``VarDef`` can say yes)."""
+    return False
+
 
 class VarDef(_Def):
   """A Variable: its class and metadata (``VarMeta``)."""
@@ -108,7 +113,10 @@ class StaticDef(_Def):
 class RefDef(_Def):
   """A later reference to the object numbered ``index`` (a shared object or a cycle)."""
   __slots__ = ()
-  index = property(lambda self: self[1])
+
+  @property
+  def index(self) -> int:  # shadows tuple.index on purpose
+    return self[1]
 
 
 class SeqDef(_Def):
@@ -233,7 +241,7 @@ def named(d: tuple) -> _Def:
 
 def iter_defs(root) -> tp.Iterator[tuple[tuple, _Def]]:
   """Every def under ``root`` with its path, in traversal order (a node before its children)."""
-  stack = [((), root)]
+  stack: list[tuple[tuple, _Def]] = [((), root)]
   pop, extend = stack.pop, stack.extend
   while stack:
     path, d = pop()

@@ -48,10 +48,10 @@ import numpy as np
 from arbax import _settings, _structure, builders, caches, nodedefs
 from arbax._walk import (SHALLOW, allow_depth, container_children, iter_matching, key_name,
                          sort_key)
-from arbax.defs import (VAR, NODE, LEAF, STATIC, REF, SEQ, MAP, JAXNODE, ARRAYREF, LEAF_DEF,
-                        ARRAYREF_DEF, ArrayRefOutput, Hashed, LeafInfo, NoUpdate, NO_UPDATE,
-                        describe, iter_defs, jax_node_def, leaf_layout, map_def, named, num_objects,
-                        numbered, obj_def, ref_def, seq_def, static_def, var_def)
+from arbax.defs import (VAR, NODE, STATIC, REF, SEQ, MAP, JAXNODE, ARRAYREF, LEAF_DEF,
+                        ARRAYREF_DEF, ArrayRefOutput, Hashed, JaxNodeDef, LeafInfo, NoUpdate,
+                        NO_UPDATE, describe, iter_defs, jax_node_def, leaf_layout, map_def, named,
+                        num_objects, numbered, obj_def, ref_def, seq_def, static_def, var_def)
 from arbax.errors import AliasError, format_path
 from arbax.pytree import Pytree, new_node, node_parts  # noqa: F401 (new_node re-exported)
 from arbax.state import FlatState, GraphState, State, compile_getter, flat_dict, from_flat_state, skeleton
@@ -100,7 +100,7 @@ class GraphDef:
     self._hash = hash(root)
     self._builders: dict = {}
     self._has_refs = None
-    self._skeleton = None
+    self._skeleton: tuple | tp.Literal[False] | None = None  # False: a leaf at the root
     self.memo: dict = {}  # per-structure caches of the State API (filter partitions, path index)
 
   __class_getitem__ = classmethod(types.GenericAlias)  # ``GraphDef[Model]`` in annotations
@@ -128,7 +128,8 @@ class GraphDef:
 
   def __setstate__(self, state):
     root, paths, *rest = state  # older pickles hold only (root, leaf_paths), as plain tuples
-    graph_, base, outer = (*rest, *(True, 0, None)[len(rest):])
+    graph_, base, outer = tp.cast('tuple[bool, int, tuple | None]',
+                                  (*rest, *(True, 0, None)[len(rest):]))
     self.__init__(named(root), paths, graph_, base=base, outer=outer)
 
   @property
@@ -324,12 +325,13 @@ def node_view(graphdef: GraphDef) -> tp.Iterator:
     if tag == NODE:
       yield nodedefs.NodeDef(d[1], index, outer.get(index), len(d[3]), d[2])
     elif tag == VAR:
+      index = tp.cast(int, index)  # numbered: a Variable always has a number
       slot = None
       if d.ref_slot:
         slot = nodedefs.ArrayRefDef(index + 1, outer.get(index + 1))
       yield nodedefs.VariableDef(d[1], index, outer.get(index), dict(d[2].items), slot)
     elif tag == ARRAYREF:
-      yield nodedefs.ArrayRefDef(index, outer.get(index))
+      yield nodedefs.ArrayRefDef(tp.cast(int, index), outer.get(index))
     elif tag == REF:
       yield nodedefs.NodeRef(d[1])
     elif tag == SEQ:
@@ -337,7 +339,7 @@ def node_view(graphdef: GraphDef) -> tp.Iterator:
     elif tag == MAP:
       yield nodedefs.NodeDef(d[1], None, None, len(d[2]))
     elif tag == JAXNODE:
-      yield nodedefs.NodeDef(d.cls, None, None, len(d[3]), d[1])
+      yield nodedefs.NodeDef(tp.cast(JaxNodeDef, d).cls, None, None, len(d[3]), d[1])
 
 
 def path_order(paths: tp.Sequence[tuple]) -> list[int]:
@@ -554,10 +556,12 @@ def _walk_defs(obj, graph: bool, prefix: tuple, context: str, mark_seen: bool, k
   try:
     return visit(obj, prefix), leaves, paths, nodes, deepest
   finally:
-    del visit, leaf, shared  # the closures refer to each other: free them (and the leaves) now
+    # The closures refer to each other: break the cycle so they (and the leaves) are freed now.
+    visit = leaf = shared = _CLEARED  # noqa: F841
 
 
 _MAX_DEPTH = 10_000
+_CLEARED: tp.Any = None  # what _walk_defs's closures are reset to (typed Any: they are functions)
 
 
 def _deep(fn):

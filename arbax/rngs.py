@@ -69,10 +69,11 @@ def _as_key(seed) -> jax.Array:
   if isinstance(seed, int) and not isinstance(seed, bool):
     return jax.random.key(seed)
   dtype = getattr(seed, 'dtype', None)
-  if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-    return seed
+  # Past the int case only an array can pass the dtype checks below (a bool has no dtype).
+  if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
+    return tp.cast(jax.Array, seed)
   if dtype == jnp.uint32 and getattr(seed, 'shape', ())[-1:] == (2,):  # raw key data (PRNGKey)
-    return jax.random.wrap_key_data(seed)
+    return jax.random.wrap_key_data(tp.cast(jax.Array, seed))
   if dtype is not None and jnp.issubdtype(dtype, jnp.integer) and getattr(seed, 'shape', None) == ():
     return jax.random.key(seed)
   raise ValueError(f'Invalid rng seed {seed!r} of type {type(seed).__name__}: expected an int or '
@@ -121,7 +122,7 @@ def _random_method(owner, name: str):
 class _RandomMethods:
   """Every jax.random distribution and the keyed initializers as methods, keys supplied."""
 
-  def __getattr__(self, name):
+  def __getattr__(self, name) -> tp.Any:
     if name in _DISTRIBUTIONS or name in _INITIALIZERS:
       return _random_method(self, name)
     raise AttributeError(f'{type(self).__name__!r} object has no attribute {name!r}')
@@ -324,7 +325,7 @@ class Rngs(_RandomMethods, Pytree):
     raise error(f'No RngStream named {name!r} found in Rngs (streams: {list(self)}). Add it with '
                 f'nnx.Rngs({name}=seed), or give a default seed: nnx.Rngs(0).')
 
-  def __getattr__(self, name: str):
+  def __getattr__(self, name: str) -> tp.Any:
     # Reached only when normal lookup fails: random methods, then streams (default fallback).
     if name.startswith('__') or name.startswith('_arbax'):
       raise AttributeError(name)

@@ -788,6 +788,9 @@ def map_state(f: tp.Callable[[tuple, tp.Any], tp.Any], state: tp.Mapping) -> Sta
 # A skeleton is ((key, sub), ...) where sub is None for a leaf or a skeleton.
 
 
+_SKELETON_LEVELS = caches.bounded('State skeleton levels', maxsize=4096)
+
+
 def skeleton(paths: tp.Iterable[tuple]) -> tuple:
   """The key structure of the State that ``from_flat_state`` would build from ``paths``."""
   root: dict = {}
@@ -810,6 +813,8 @@ def skeleton(paths: tp.Iterable[tuple]) -> tuple:
     else:
       stack.pop()
       frozen = tuple(frame[1])
+      # Equal levels (every Linear's) share one tuple, as their builders do.
+      frozen = _SKELETON_LEVELS.setdefault(frozen, frozen)
       if not stack:
         return frozen
       stack[-1][1].append((frame[2], frozen))
@@ -823,14 +828,26 @@ def build_state(skel: tuple, leaves: tp.Iterator) -> State:
   return s
 
 
+_LEAF_LEVELS = caches.bounded('State leaf-level builders', maxsize=4096)
+
+
+def _leaf_level(keys: tuple) -> tp.Callable[[tp.Iterator], State]:
+  n = len(keys)
+
+  def leaf_level(it):
+    return State(zip(keys, islice(it, n)))
+  return leaf_level
+
+
 def compile_builder(skel: tuple) -> tp.Callable[[tp.Iterator], State]:
   """``build_state`` for one skeleton, compiled: a level of leaves is one ``State(zip(...))``."""
   keys = tuple(k for k, _ in skel)
   if all(sub is None for _, sub in skel):
-    n = len(keys)
-
-    def leaf_level(it):
-      return State(zip(keys, islice(it, n)))
+    # Levels of leaves repeat (every Linear is ``(('bias', None), ('kernel', None))``): one
+    # builder per key tuple serves them all, so a model of N layers does not hold N of them.
+    leaf_level = _LEAF_LEVELS.get(keys)
+    if leaf_level is None:
+      leaf_level = _LEAF_LEVELS[keys] = _leaf_level(keys)
     return leaf_level
   parts = tuple((k, None if sub is None else compile_builder(sub)) for k, sub in skel)
 

@@ -80,7 +80,7 @@ def _eqx_linear(p):
   import equinox as eqx
   n_in, n_out = p['kernel'].shape
   layer = eqx.nn.Linear(n_in, n_out, key=jax.random.key(0))
-  return eqx.tree_at(lambda l: (l.weight, l.bias), layer, (p['kernel'].T, p['bias']))
+  return eqx.tree_at(lambda m: (m.weight, m.bias), layer, (p['kernel'].T, p['bias']))
 
 
 # -------------------------------------------------------------- transformer
@@ -163,7 +163,7 @@ def eqx_transformer(params):
 
   def norm(p):
     ln = eqx.nn.LayerNorm(DIM, eps=EPS)
-    return eqx.tree_at(lambda l: (l.weight, l.bias), ln, (p['scale'], p['bias']))
+    return eqx.tree_at(lambda m: (m.weight, m.bias), ln, (p['scale'], p['bias']))
 
   class EBlock(eqx.Module):
     ln1: eqx.nn.LayerNorm
@@ -288,7 +288,7 @@ def eqx_scan_forward(stacked, x):
 def eqx_scan_layers(params):
   import equinox as eqx
   layer = _eqx_linear({'kernel': params['kernel'][0], 'bias': params['bias'][0]})
-  return eqx.tree_at(lambda l: (l.weight, l.bias), layer,
+  return eqx.tree_at(lambda m: (m.weight, m.bias), layer,
                      (jnp.swapaxes(params['kernel'], 1, 2), params['bias']))
 
 

@@ -268,7 +268,7 @@ def main(argv=None) -> int:
       make = nnx_step_factory(nnx, case.loss)
       x, y = case.inputs
 
-      def once():
+      def once(case=case, make=make, x=x, y=y):
         m = nnx.clone(case.model)
         return make().trace(m, nnx.Optimizer(m, optax.adam(1e-3), wrt=nnx.Param), x, y).lower()
       C.profile(f'arbax trace + lower, {case.name}', once, number=1)

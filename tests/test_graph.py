@@ -455,7 +455,8 @@ def test_jax_refs_are_leaves_shared_like_objects_and_tree_mode_refuses_sharing_o
 
 
 def test_tree_mode_makes_every_jax_leaf_in_a_container_a_leaf_graph_mode_keeps_plain_values_static():
-  fn = lambda x: x
+  def fn(x):
+    return x
   tree = {'z': [nnx.Param(jnp.array(1)), jnp.array(2)],
           'a': (nnx.Param(jnp.array(3)), 4, 'hi', None, fn, int)}
   fl = graph.flatten(tree, graph=False)

@@ -1,4 +1,5 @@
 """State and FlatState: nesting, flat views, filtering and pure-dict round trips."""
+import importlib
 import pickle
 
 import jax
@@ -185,3 +186,15 @@ def test_flat_state_is_a_pytree_of_its_values_and_merges_sorted():
   assert isinstance(through, nnx.FlatState) and through.paths == fs.paths
   a, b = fs[:2], fs[2:]
   assert nnx.FlatState.merge(b, a).paths == fs.paths
+
+
+def test_equal_levels_of_a_state_share_one_builder_and_one_skeleton_level():
+  # A model of many equal layers must not hold one compiled builder per layer.
+  statelib = importlib.import_module('arbax.state')
+  paths = [(i, k) for i in range(100) for k in ('bias', 'kernel')]
+  skel = statelib.skeleton(paths)
+  assert all(level is skel[0][1] for _, level in skel)
+  build = statelib.compile_builder(skel)
+  assert len({id(statelib.compile_builder(level)) for _, level in skel}) == 1
+  built = build(iter(range(200)))
+  assert built[3]['kernel'] == 7 and built[99]['bias'] == 198

@@ -149,7 +149,8 @@ class LinearGeneral(Module):
   leading axes ``0, 1, ...``); batch axes come first in the output.
   """
 
-  def __init__(self, in_features, out_features, *, axis=-1, batch_axis=_EMPTY,
+  def __init__(self, in_features, out_features, *, axis: int | tp.Sequence[int] = -1,
+               batch_axis=_EMPTY,
                use_bias: bool = True, dtype=None, param_dtype=jnp.float32,
                kernel_init=default_kernel_init, bias_init=default_bias_init,
                precision=None, promote_dtype=_promote_dtype, dot_general=None,
