@@ -45,9 +45,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import operator
+import types
 import typing as tp
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from arbax import _structure, _walk, reprhook
@@ -77,7 +79,14 @@ class _StaticValue(_Marked):
   pass
 
 
-def data(value: tp.Any = _MISSING, /, **field_kwargs):
+_A = tp.TypeVar('_A')
+
+
+@tp.overload
+def data(value: _A, /) -> _A: ...
+@tp.overload
+def data(**field_kwargs: tp.Any) -> tp.Any: ...
+def data(value: tp.Any = _MISSING, /, **field_kwargs) -> tp.Any:
   """Mark an attribute as data.
 
   ``self.xs = nnx.data([1, 2])`` on assignment, or ``xs: list = nnx.data()`` as a
@@ -109,6 +118,7 @@ def register_data_type(type_: type, /) -> type:
   Usable as a decorator; returns the type unchanged.
   """
   _DATA_TYPES.add(type_)
+  _PLAIN_STATIC.discard(type_)  # no longer known to be static
   return type_
 
 
@@ -151,8 +161,14 @@ def check_pytree(pytree, /) -> None:
           f'with `self.{name} = nnx.data(...)`, or use nnx.List / nnx.Dict for containers.')
 
 
-# Values that are never data, checked by type first: most attributes are one of these.
-_PLAIN_STATIC = frozenset({int, float, bool, complex, str, bytes, type(None)})
+# Values that are never data, checked by exact type first: most attributes are one of these
+# (a layer's features, dtypes, activation and dot_general functions). Walking them to prove it
+# costs microseconds each, which adds up over thousands of layers.
+_PLAIN_STATIC = {int, float, bool, complex, str, bytes, type(None), type, types.FunctionType,
+                 types.BuiltinFunctionType, type(jnp.float32), type(jnp.tanh),
+                 *(type(np.dtype(t)) for t in ('bool', 'int8', 'int16', 'int32', 'int64', 'uint8',
+                                               'uint32', 'float16', 'float32', 'float64',
+                                               'complex64', jnp.bfloat16))}
 
 
 def _holds_data(value) -> bool:
@@ -222,7 +238,7 @@ class PytreeAux:
   """
 
   __slots__ = ('data_keys', 'static', 'order', '_hash', 'children_of', '_template', 'static_of',
-               'static_values', 'mutable')
+               'static_values', 'mutable', 'size', 'check_of', 'check_values', 'path_entries')
 
   def __init__(self, data_keys: tuple, static: tuple, order: tuple):
     self.data_keys = data_keys
@@ -230,19 +246,29 @@ class PytreeAux:
     self.order = order        # every attribute name, insertion order (for repr)
     self._hash = None
     self._template = None
+    self.path_entries: tuple | None = None  # JAX path keys of the children, made when asked
     # `__dict__ -> children` in C (itemgetter): flatten runs per node on every jit call.
     self.children_of = _getter(data_keys)
     self.static_of = _getter(tuple(k for k, _ in static))
     self.static_values = tuple(v for _, v in static)
     # static attributes holding lists / dicts: watched by caches, copied for each rebuilt node
     self.mutable = tuple((k, v) for k, v in static if _structure.is_mutable(v))
+    # A node's ``__dict__`` holds its attributes plus exactly two ``_arbax_`` entries, so an
+    # attribute added or removed behind ``__setattr__``'s back changes its size.
+    self.size = len(order) + 2
+    # What flatten compares to notice static values changed behind ``__setattr__``'s back:
+    # without static attributes, the size again, so the check stays one C call (no frame).
+    if static:
+      self.check_of, self.check_values = self.static_of, self.static_values
+    else:
+      self.check_of, self.check_values = len, self.size
 
   def fits(self, d: dict) -> bool:
     """Whether the ``__dict__`` ``d`` still has this structure: no attribute added or removed
     behind ``__setattr__``'s back (a Pytree's dict holds its attributes plus exactly two
     ``_arbax_`` entries) and every static value equal to its snapshot."""
     try:
-      return len(d) == len(d['_arbax_kinds']) + 2 and self.static_of(d) == self.static_values
+      return len(d) == self.size and self.check_of(d) == self.check_values
     except Exception:  # a static attribute deleted, or replaced by a value == cannot compare
       return False
 
@@ -251,7 +277,7 @@ class PytreeAux:
     if self._template is None:
       kinds = {k: False for k, _ in self.static}
       kinds.update((k, True) for k in self.data_keys)
-      values = {'_arbax_kinds': None, '_arbax_cache': (self.data_keys, self)}
+      values = {'_arbax_kinds': None, '_arbax_cache': self}
       values.update((k, None) for k in self.order)
       values.update(self.static)
       self._template = (values, kinds)
@@ -304,22 +330,25 @@ def node_parts(obj: 'Pytree') -> tuple[tuple, PytreeAux]:
   """(data keys in pytree order, aux) of a Pytree: cached, recomputed when the structure changed
   (through ``__setattr__`` or behind its back)."""
   d = obj.__dict__
-  cached = d.get('_arbax_cache')
-  if cached is not None and cached[1].fits(d):
-    return cached
-  return _compute_parts(obj, d)
+  aux = d.get('_arbax_cache')
+  if aux is None or not aux.fits(d):
+    aux = _compute_parts(obj, d)
+  return aux.data_keys, aux
 
 
-def _compute_parts(obj, d: dict) -> tuple[tuple, PytreeAux]:
+def _compute_parts(obj, d: dict) -> PytreeAux:
+  """The aux of ``obj`` (``__dict__`` ``d``) made anew, and kept in ``d['_arbax_cache']``."""
   kinds = d['_arbax_kinds']
-  if len(d) != len(kinds) + 2:
+  # (one attribute deleted and another added through ``__dict__`` keep the size)
+  if len(d) != len(kinds) + 2 or not kinds.keys() <= d.keys():
     _adopt_bypassed(d, kinds)
+  if not type(obj)._arbax_pytree:
+    _promote_filled(d, kinds)
   order = tuple(k for k in d if k in kinds)
   data_keys = tuple(sorted((k for k in order if kinds[k]), key=_sort_key))
   static = tuple((k, _structure.snapshot(d[k])) for k in order if not kinds[k])
-  cached = (data_keys, PytreeAux(data_keys, static, order))
-  d['_arbax_cache'] = cached
-  return cached
+  aux = d['_arbax_cache'] = PytreeAux(data_keys, static, order)
+  return aux
 
 
 def _is_internal(key) -> bool:
@@ -337,34 +366,40 @@ def _adopt_bypassed(d: dict, kinds: dict) -> None:
       kinds[k] = _holds_data(v)
 
 
-def _key_entry(cls, k):
+def _promote_filled(d: dict, kinds: dict) -> None:
+  """In a ``pytree=False`` class (no attribute rules, as in NNX) a static attribute that holds
+  data now (``self.layers = []`` then ``append``) is data: its Variables are in the state."""
+  for k, is_data_ in kinds.items():
+    if not is_data_ and type(d[k]) not in _PLAIN_STATIC and _holds_data(d[k]):
+      kinds[k] = True
+
+
+def _key_entry(k):
   if isinstance(k, int):
     return jax.tree_util.SequenceKey(k)
   return jax.tree_util.GetAttrKey(k)
 
 
 def _flatten(obj):
-  # JAX calls this for every node of every flatten (jax.jit arguments, jax.tree.map):
-  # node_parts inlined.
+  # JAX calls this for every node of every flatten (jax.jit arguments, jax.tree.map), from C:
+  # PytreeAux.fits inlined, its checks C calls (itemgetter, len) so no other Python frame runs.
   d = obj.__dict__
-  cached = d.get('_arbax_cache')
-  if cached is not None:
-    aux = cached[1]
-    try:
-      if len(d) == len(d['_arbax_kinds']) + 2 and aux.static_of(d) == aux.static_values:
-        return aux.children_of(d), aux
-    except Exception:  # see PytreeAux.fits
-      pass
-  aux = _compute_parts(obj, d)[1]
+  try:
+    aux = d['_arbax_cache']
+    if len(d) == aux.size and aux.check_of(d) == aux.check_values:
+      return aux.children_of(d), aux
+  except Exception:  # no aux yet (None has no .size), or see PytreeAux.fits
+    pass
+  aux = _compute_parts(obj, d)
   return aux.children_of(d), aux
 
 
-def _make_flatten_with_keys(cls):
-  def flatten_with_keys(obj):
-    keys, aux = node_parts(obj)
-    d = obj.__dict__
-    return [(_key_entry(cls, k), d[k]) for k in keys], aux
-  return flatten_with_keys
+def _flatten_with_keys(obj):
+  keys, aux = node_parts(obj)
+  entries = aux.path_entries
+  if entries is None:  # made once per structure: key objects are immutable
+    entries = aux.path_entries = tuple(map(_key_entry, keys))
+  return tuple(zip(entries, aux.children_of(obj.__dict__))), aux
 
 
 def new_node(cls, aux: PytreeAux, children) -> 'Pytree':
@@ -373,16 +408,16 @@ def new_node(cls, aux: PytreeAux, children) -> 'Pytree':
   The node belongs to the JAX trace running now (see ``Pytree.__setattr__``).
   """
   obj = _new(cls)
-  values, kinds = aux.template()
+  values, kinds = aux._template or aux.template()
   d = values.copy()  # keeps the attribute order; data slots are filled in place
   d['_arbax_kinds'] = kinds.copy()
   d.update(zip(aux.data_keys, children))
   for k, v in aux.mutable:  # a static list of its own, not the aux's snapshot
     d[k] = _structure.snapshot(v)
-  _set_dict(obj, '__dict__', d)
+  _set_dict_slot(obj, d)
   _set_trace(obj, current_trace())
   _set_seen(obj, False)
-  if cls._arbax_after_unflatten is not Pytree._arbax_after_unflatten:
+  if cls._arbax_after_unflatten is not _no_hook:
     obj._arbax_after_unflatten()
   return obj
 
@@ -410,7 +445,6 @@ def node_template(cls, aux: PytreeAux) -> NodeTemplate:
 
 
 _new = object.__new__
-_set_dict = object.__setattr__
 
 
 class Pytree:
@@ -441,9 +475,9 @@ class Pytree:
     cls._arbax_properties = frozenset(
         k for c in cls.__mro__ for k, v in vars(c).items() if isinstance(v, property))
     if pytree:
+      # partial, not a lambda: JAX calls the unflatten per node, and partial adds no frame.
       jax.tree_util.register_pytree_with_keys(
-          cls, _make_flatten_with_keys(cls),
-          lambda aux, children: new_node(cls, aux, children), _flatten)
+          cls, _flatten_with_keys, functools.partial(new_node, cls), _flatten)
 
   # Outside __dict__, so a node's dict is its attributes plus exactly two `_arbax_` entries:
   # the trace the object belongs to (unset: any), and whether a cache depends on it.
@@ -478,7 +512,13 @@ class Pytree:
       return
     d = self.__dict__
     kinds = d['_arbax_kinds']
-    value, kind = _classify(self, name, value, kinds.get(name))
+    if type(self)._arbax_pytree:
+      value, kind = _classify(self, name, value, kinds.get(name))
+    else:  # no rules: classified by value, at every assignment and again when flattened
+      if isinstance(value, _Marked):
+        value, kind = value.value, type(value) is _DataValue
+      else:
+        kind = _holds_data(value)
     if name in type(self)._arbax_properties:
       object.__setattr__(self, name, value)
       return
@@ -528,6 +568,8 @@ class Object(Pytree, pytree=False):
 
 
 _set_trace = Pytree._arbax_trace.__set__
+_set_dict_slot = Pytree.__dict__['__dict__'].__set__  # object.__setattr__ minus its lookups
+_no_hook = Pytree._arbax_after_unflatten
 _set_seen = Pytree._arbax_seen.__set__
 # For builders that make nodes step by step (see ``node_template``): the slot setters.
 set_dict = object.__setattr__
@@ -622,10 +664,11 @@ def _checked_init(init):
   @functools.wraps(init)
   def __init__(self, *args, **kwargs):
     init(self, *args, **kwargs)
-    if type(self).__init__ is __init__:  # not a super().__init__() call of a subclass
+    cls = type(self)
+    if cls.__init__ is __init__ and cls._arbax_pytree:  # not a subclass's super().__init__()
       check_static_attributes(self)
 
-  __init__._arbax_checked = True
+  __init__._arbax_checked = True  # pyright: ignore[reportAttributeAccessIssue]  # a marker on the wrapper
   return __init__
 
 
@@ -636,9 +679,9 @@ def check_static_attributes(obj: 'Pytree') -> None:
   for k, is_data_ in d['_arbax_kinds'].items():
     v = d.get(k)
     if not is_data_ and type(v) not in _PLAIN_STATIC:
-      data_at = _find_data(v)
+      data_at, _ = _scan(v)
       if data_at is not None:
-        raise _unexpected_data(obj, k, v, data_at.replace('<the value itself>', ''), why='init')
+        raise _unexpected_data(obj, k, v, data_at, why='init')
 
 
 # The messages start as NNX's do (code matches on them), then name the attribute, the data and
@@ -650,7 +693,7 @@ def _target(name) -> str:
 def _culprit(name, value, data_at: str) -> str:
   if not data_at:
     return f'{_target(name)} itself'
-  found = _walk.find_first(value, is_data)[1]
+  found = tp.cast(tuple, _walk.find_first(value, is_data))[1]  # data_at says there is one
   return f'the {type(found).__name__} at {_target(name)}{data_at}'
 
 
@@ -777,10 +820,10 @@ class List(Pytree):
     return i
 
   def __getitem__(self, i):
+    d: dict = self.__dict__  # items are stored under int keys
     if isinstance(i, slice):
-      d = self.__dict__
       return [d[j] for j in range(len(self))[i]]
-    return self.__dict__[self._index(i)]
+    return d[self._index(i)]
 
   def __setitem__(self, i, value):
     if isinstance(i, slice):
@@ -802,7 +845,7 @@ class List(Pytree):
     self._reset(items)
 
   def _store(self, i: int, value):
-    d = self.__dict__
+    d: dict = self.__dict__
     value, kind = _classify(self, i, value, None)
     d[i] = value
     d['_arbax_kinds'][i] = kind
@@ -810,7 +853,7 @@ class List(Pytree):
   def _reset(self, items):
     """Replace every item (the general path of slices, inserts and deletes)."""
     check_trace(self, 'items')
-    d = self.__dict__
+    d: dict = self.__dict__
     kinds = d['_arbax_kinds']
     for k in [k for k in kinds if type(k) is int]:
       d.pop(k, None)
@@ -851,7 +894,7 @@ class List(Pytree):
       self._reset(items)
       return value
     check_trace(self, i)
-    d = self.__dict__
+    d: dict = self.__dict__
     value = d.pop(i)
     del d['_arbax_kinds'][i]
     _structure.changed(self)
@@ -867,10 +910,12 @@ class List(Pytree):
     self._reset(list(self)[::-1])
 
   def __iter__(self):
-    return map(self.__dict__.__getitem__, range(len(self)))
+    d: dict = self.__dict__
+    return map(d.__getitem__, range(len(self)))
 
   def __reversed__(self):
-    return map(self.__dict__.__getitem__, reversed(range(len(self))))
+    d: dict = self.__dict__
+    return map(d.__getitem__, reversed(range(len(self))))
 
   def __contains__(self, value):
     return any(v is value or v == value for v in self)

@@ -1,6 +1,7 @@
 """Pytree: attribute classification, tree behaviour, markers, misuse errors, dataclass, List, Dict,
 structural changes (through the API or behind it), copies and trace ownership."""
 import copy
+import dataclasses
 import functools
 import pickle
 import time
@@ -28,9 +29,9 @@ class Mixed(nnx.Pytree):
     self.w = nnx.Param(jnp.ones(2))
     self.arr = jnp.zeros(3)
     self.np_arr = np.ones(2)
-    self.items = [nnx.Param(jnp.ones(1)), 2]
-    self.pair = (nnx.BatchStat(jnp.zeros(1)), None)
-    self.table = {'a': jnp.ones(1)}
+    self.items = nnx.List([nnx.Param(jnp.ones(1)), 2])
+    self.pair = nnx.data((nnx.BatchStat(jnp.zeros(1)), None))
+    self.table = nnx.Dict({'a': jnp.ones(1)})
     self.plain_list = [1, 2]
     self.plain_dict = {'k': 'v'}
 
@@ -48,11 +49,44 @@ def test_leaves_and_paths_cover_exactly_the_data():
                               '.table.a', '.w.value']
 
 
-def test_lists_and_dicts_holding_data_become_nnx_containers():
+def test_containers_are_kept_as_given():
   m = Mixed()
   assert isinstance(m.items, nnx.List) and isinstance(m.table, nnx.Dict)
   assert type(m.plain_list) is list and type(m.plain_dict) is dict
-  assert type(m.pair) is tuple
+  assert type(m.pair) is tuple  # nnx.data keeps the value itself, only its class changes
+
+
+class Empty(nnx.Pytree):
+  pass
+
+
+@pytest.mark.parametrize('value,where,found', [
+    (lambda: [nnx.Param(jnp.ones(1))], r'self\.a\[0\]', 'Param'),
+    (lambda: (1, jnp.ones(2)), r'self\.a\[1\]', 'ArrayImpl'),
+    (lambda: {'w': {'k': nnx.Linear(1, 1, rngs=nnx.Rngs(0))}}, r"self\.a\['w'\]\['k'\]", 'Linear'),
+    (lambda: [nnx.List([1])], r'self\.a\[0\]', 'List'),
+    (lambda: nnx.State({'b': nnx.Param(1)}), r"self\.a\['b'\]", 'Param'),
+])
+def test_a_plain_container_holding_data_is_refused_naming_the_data_and_the_fix(value, where,
+                                                                                 found):
+  e = Empty()
+  with pytest.raises(ValueError, match=rf"^Found data on value of type .* static attribute 'a' "
+                                       rf".*the {found} at {where} is data.*nnx\.List.*nnx\.data"):
+    e.a = value()
+  assert 'a' not in vars(e)
+  e.a = nnx.data(value())  # the fix: data, the container kept as it is
+  assert nnx.pytree.attributes(e) == [('a', e.a, True)] and type(e.a) is type(value())
+
+
+def test_a_list_of_layers_goes_in_an_nnx_list():
+  class Stack(nnx.Module):
+    def __init__(self, plain):
+      layers = [nnx.Linear(2, 2, rngs=nnx.Rngs(i)) for i in range(2)]
+      self.layers = layers if plain else nnx.List(layers)
+
+  with pytest.raises(ValueError, match=r"'layers'.*the Linear at self\.layers\[0\].*nnx\.List"):
+    Stack(plain=True)
+  assert keystrs(Stack(plain=False))[:2] == ['.layers[0].bias.value', '.layers[0].kernel.value']
 
 
 def test_tree_map_returns_new_object_of_same_class_with_static_attributes():
@@ -93,15 +127,44 @@ def test_treedef_changes_when_structure_changes():
   assert jax.tree.structure(m) == before
 
 
-def test_reassignment_reclassifies():
+def test_the_first_assignment_decides_and_the_class_sticks():
+  p = Empty()
+  p.x = jnp.ones(2)
+  p.x = 'hello'  # data stays data, whatever it holds
+  assert jax.tree.leaves(p) == ['hello']
+  p.x = [1, jnp.ones(1)]  # even a plain list of data
+  assert len(jax.tree.leaves(p)) == 2
+  p.y = None
+  with pytest.raises(ValueError, match=r"^Cannot assign data value of type .*Linear.* to static "
+                                       r"attribute 'y' .*self\.y = nnx\.data"):
+    p.y = nnx.Linear(1, 1, rngs=nnx.Rngs(0))
+  assert p.y is None
+  with pytest.raises(ValueError, match=r"^Found data on value of type .*list.* static attribute 'y'"):
+    p.y = [jnp.ones(1)]
+  p.y = 7  # static values are fine
+
+
+def test_a_static_attribute_set_to_data_in_init_is_refused():
   class P(nnx.Pytree):
     def __init__(self):
-      self.x = None
-      self.x = jnp.ones(2)
-  p = P()
-  assert len(jax.tree.leaves(p)) == 1
-  p.x = 5
+      self.bias = None
+      self.bias = nnx.Param(jnp.zeros(2))
+
+  with pytest.raises(ValueError, match=r"Cannot assign data value .*Param.* 'bias'"):
+    P()
+
+
+def test_markers_override_the_class_and_del_forgets_it():
+  p = Empty()
+  p.x = jnp.ones(2)
+  p.x = nnx.static(3)  # data -> static, on purpose
   assert jax.tree.leaves(p) == []
+  p.x = nnx.data(4)  # static -> data
+  assert jax.tree.leaves(p) == [4]
+  p.y = 'a'
+  del p.y
+  p.y = nnx.Param(jnp.ones(1))  # a fresh attribute again: data
+  assert len(jax.tree.leaves(p)) == 2
 
 
 def test_unflatten_does_not_call_init():
@@ -122,7 +185,7 @@ class Picklable(nnx.Pytree):
   def __init__(self):
     self.n = 3
     self.w = nnx.Param(jnp.arange(2.0), tag='t')
-    self.items = [nnx.BatchStat(jnp.ones(1))]
+    self.items = nnx.List([nnx.BatchStat(jnp.ones(1))])
 
 
 def test_pickle_round_trip():
@@ -149,9 +212,23 @@ def test_array_on_a_static_marked_attribute_is_an_error_naming_it():
   class P(nnx.Pytree):
     def __init__(self):
       self.table = nnx.static({'w': [1, jnp.ones(2)]})
-  with pytest.raises(ValueError, match=r"annotated with nnx\.static.*attribute 'table' of .*P'>': "
-                                       r"\['w'\]\[1\] is data.*nnx\.data"):
+  with pytest.raises(ValueError, match=r"^Found data in value of type .* annotated with nnx\.static.*"
+                                       r"attribute 'table' of .*P'>': the ArrayImpl at "
+                                       r"self\.table\['w'\]\[1\] is data.*nnx\.data"):
     P()
+
+
+@pytest.mark.parametrize('value,tags', [
+    (lambda: [nnx.data(1)], "{'data'}"),
+    (lambda: {'a': (nnx.static(1), nnx.data(2))}, "{'data', 'static'}"),
+    (lambda: nnx.data([nnx.static('x')]), "{'static'}"),
+])
+def test_markers_inside_containers_are_refused(value, tags):
+  p = Empty()
+  with pytest.raises(ValueError, match=rf"^Found unexpected tags {tags} on attribute 'Empty\.x'"
+                                       r".*directly"):
+    p.x = value()
+  assert 'x' not in vars(p)
 
 
 def test_variable_on_a_static_annotated_attribute_is_an_error():
@@ -259,6 +336,42 @@ def test_dataclass_static_field_rejects_arrays():
     P(jnp.ones(1))
 
 
+def test_dataclass_fields_follow_the_attribute_rules():
+  @nnx.dataclass
+  class Plain(nnx.Module):
+    filters: list
+
+  @dataclasses.dataclass
+  class Annotated(nnx.Pytree):
+    a: nnx.Data[int]
+    b: nnx.Static[int]
+
+  with pytest.raises(ValueError, match=r"^Found data on value of type .*list.* 'filters'"):
+    Plain([nnx.Variable(1)])
+  assert jax.tree.leaves(Plain([1, 2])) == []
+  x = Annotated(1, 2)
+  assert jax.tree.leaves(x) == [1]
+  x.a = nnx.static(3)  # the annotation only decides the first assignment
+  x.b = nnx.data(4)
+  assert jax.tree.leaves(x) == [4]
+  with pytest.raises(ValueError, match=r"^Found data on value of type .*list.* 'a'"):
+    x.a = ['hi', jnp.ones(1)]
+
+
+def test_pytree_false_classes_have_no_attribute_rules():
+  class Free(nnx.Module, pytree=False):
+    def __init__(self):
+      self.layers = [nnx.Linear(1, 1, rngs=nnx.Rngs(0))]  # a plain list, kept as is
+      self.x = None
+      self.x = nnx.Param(jnp.ones(1))
+      self.later = []
+      self.later.append(nnx.Param(jnp.zeros(1)))
+
+  f = Free()
+  assert type(f.layers) is list
+  assert set(nnx.state(f)) == {'layers', 'x', 'later'}
+
+
 def test_dataclass_module_with_shared_variables():
   @nnx.dataclass
   class Foo(nnx.Module):
@@ -271,6 +384,18 @@ def test_dataclass_module_with_shared_variables():
 
 
 # -- List ----------------------------------------------------------------------
+def test_list_and_dict_items_follow_the_attribute_rules():
+  with pytest.raises(ValueError, match=r"static attribute '1' .*the ArrayImpl at self\[1\]\[0\]"):
+    nnx.List([1, [jnp.ones(1)]])
+  xs = nnx.List([nnx.data([jnp.ones(1)]), nnx.List([jnp.ones(2)])])  # marked, or nested nnx.List
+  assert len(jax.tree.leaves(xs)) == 2 and type(xs[0]) is list
+  with pytest.raises(ValueError, match=r"static attribute 'a' .*self\.a\['b'\]"):
+    nnx.Dict(a={'b': jnp.ones(1)})
+  d = nnx.Dict(a=1)
+  with pytest.raises(ValueError, match=r"^Cannot assign data value .* 'a'"):
+    d['a'] = jnp.ones(1)
+
+
 def test_list_behaves_like_a_list():
   lst = nnx.List([1, nnx.Param(jnp.ones(1))])
   assert len(lst) == 2 and lst[0] == 1 and isinstance(lst[-1], nnx.Param)
@@ -337,14 +462,14 @@ def test_nested_pytrees_flatten_and_rebuild():
 
   class Outer(nnx.Pytree):
     def __init__(self):
-      self.layers = [Inner(i) for i in range(3)]
+      self.layers = nnx.List([Inner(i) for i in range(3)])
       self.head = Inner(9)
 
   o = Outer()
   assert keystrs(o) == ['.head.w.value', '.layers[0].w.value', '.layers[1].w.value',
                         '.layers[2].w.value']
   out = jax.tree.map(lambda x: -x, o)
-  assert [l.k for l in out.layers] == [0, 1, 2]
+  assert [layer.k for layer in out.layers] == [0, 1, 2]
   np.testing.assert_array_equal(out.layers[2].w[...], [-2.0, -2.0])
 
 
@@ -435,11 +560,11 @@ def test_check_pytree_finds_data_hidden_by_in_place_mutation():
 
 
 def test_object_subclasses_are_single_leaves():
-  class O(nnx.Object):
+  class Obj(nnx.Object):
     def __init__(self):
       self.w = nnx.Param(jnp.ones(2))
 
-  o = O()
+  o = Obj()
   assert isinstance(o, nnx.Pytree)
   assert jax.tree.leaves(o) == [o]
 
@@ -464,9 +589,9 @@ MODES = pytest.mark.parametrize('mode', [False, True], ids=['tree', 'graph'])
 
 
 @MODES
-@pytest.mark.parametrize('empty', [lambda l: l.pop(), lambda l: l.__delitem__(slice(None)),
-                                   lambda l: l.__setitem__(slice(None), []),
-                                   lambda l: l.clear()], ids=['pop', 'del[:]', '[:]=[]', 'clear'])
+@pytest.mark.parametrize('empty', [lambda xs: xs.pop(), lambda xs: xs.__delitem__(slice(None)),
+                                   lambda xs: xs.__setitem__(slice(None), []),
+                                   lambda xs: xs.clear()], ids=['pop', 'del[:]', '[:]=[]', 'clear'])
 def test_emptying_a_list_a_transform_saw_drops_the_layer_everywhere(empty, mode):
   m = Scaled(n_layers=1)
   step = nnx.jit(lambda m, x: m(x), graph=mode)
@@ -516,11 +641,54 @@ def test_attributes_added_or_deleted_through_dict_are_classified_like_setattr():
   assert 'extra' not in nnx.state(m)
 
 
-class Grown(nnx.Module):
-  """Layers in a plain list that was empty when assigned."""
+class Pair(nnx.Pytree):
+  """Two data attributes and no static one."""
 
   def __init__(self):
-    self.layers = []
+    self.a = nnx.Param(jnp.ones(1))
+    self.b = nnx.Param(jnp.zeros(1))
+
+
+def test_jax_flatten_sees_dict_edits_of_a_node_without_static_attributes():
+  p = Pair()
+  _, before = jax.tree.flatten(p)
+  p.__dict__['c'] = nnx.Param(jnp.full(1, 2.0))  # added behind __setattr__'s back: data
+  leaves, added = jax.tree.flatten(p)
+  assert len(leaves) == 3 and added != before
+  del p.__dict__['a']
+  p.__dict__['tag'] = 'x'  # one removed, one added: the same number of attributes
+  leaves, swapped = jax.tree.flatten(p)
+  assert [float(x[0]) for x in leaves] == [0.0, 2.0] and swapped != added
+  rebuilt = jax.tree.unflatten(swapped, leaves)
+  assert rebuilt.tag == 'x' and 'a' not in vars(rebuilt)
+  assert jax.tree.structure(rebuilt) == swapped
+
+
+def test_jax_flatten_sees_a_static_value_replaced_behind_setattr():
+  p = Pair()
+  p.tag = 'x'
+  _, before = jax.tree.flatten(p)
+  object.__setattr__(p, 'tag', 'y')
+  _, after = jax.tree.flatten(p)
+  assert after != before
+  assert jax.tree.map(lambda v: v, p).tag == 'y'
+
+
+def test_rebuilt_nodes_flatten_to_an_equal_treedef():
+  p = Pair()
+  p.tag = ['x']
+  q = jax.tree.map(lambda v: v + 1, p)
+  assert jax.tree.structure(q) == jax.tree.structure(p)
+  assert q.tag == ['x'] and q.tag is not p.tag  # a static list of its own
+  q.tag.append('y')  # changed in place: the structure changes with it
+  assert jax.tree.structure(q) != jax.tree.structure(p)
+
+
+class Grown(nnx.Module):
+  """Layers in a plain list marked data, empty when assigned and filled in place."""
+
+  def __init__(self):
+    self.layers = nnx.data([])
     self.layers.append(nnx.Linear(2, 3, rngs=nnx.Rngs(0)))
     self.layers.append(nnx.Linear(3, 1, rngs=nnx.Rngs(1)))
 
@@ -531,8 +699,9 @@ class Grown(nnx.Module):
 
 
 @MODES
-def test_a_list_empty_when_assigned_and_filled_later_holds_parameters(mode, tmp_path):
+def test_a_data_list_empty_when_assigned_and_filled_later_holds_parameters(mode, tmp_path):
   m = Grown()
+  assert type(m.layers) is list
   state = nnx.state(m, nnx.Param, graph=mode)
   assert sorted(map(str, dict(state.flat_state()))) == [
       "('layers', 0, 'bias')", "('layers', 0, 'kernel')",
@@ -556,9 +725,27 @@ def test_a_list_empty_when_assigned_and_filled_later_holds_parameters(mode, tmp_
   np.testing.assert_array_equal(other.layers[0].kernel[...], m.layers[0].kernel[...])
 
 
-def test_a_static_list_filled_after_a_transform_saw_it_becomes_data():
+def test_a_static_list_filled_in_init_is_refused_when_init_returns():
+  class Filled(nnx.Module):
+    def __init__(self):
+      self.layers = []  # static: a plain list without data
+      self.layers.append(nnx.Linear(2, 3, rngs=nnx.Rngs(0)))
+
+  class Child(Filled):
+    def __init__(self):
+      super().__init__()  # checked when the outermost __init__ returns, not here
+      self.layers.pop()
+
+  with pytest.raises(ValueError, match=r"^Found unexpected data on value of type .*list.* static "
+                                       r"attribute 'layers' .*the Linear at self\.layers\[0\].*"
+                                       r"nnx\.data.*nnx\.List"):
+    Filled()
+  assert Child().layers == []
+
+
+def test_a_data_list_filled_after_a_transform_saw_it_reaches_the_transform():
   m = Scaled()
-  m.extra = []
+  m.extra = nnx.data([])
   step = nnx.jit(lambda m: sum(jnp.sum(p[...]) for p in m.extra))
   assert float(step(m)) == 0.0
   m.extra.append(nnx.Param(jnp.ones(2)))  # in place: nothing was told
@@ -568,18 +755,29 @@ def test_a_static_list_filled_after_a_transform_saw_it_becomes_data():
   assert float(step(m)) == 6.0  # a leaf of the state, not a constant baked into the trace
 
 
-def test_a_declared_static_container_that_gets_data_in_place_is_an_error_naming_it():
+def test_a_static_list_filled_after_init_stays_static_and_check_pytree_finds_it():
+  m = Scaled()
+  m.extra = []
+  m.extra.append(nnx.Param(jnp.ones(2)))  # as in NNX: not data, not in the state
+  assert 'extra' not in nnx.state(m)
+  with pytest.raises(ValueError, match=r"static attribute 'extra'.*nnx\.data"):
+    nnx.check_pytree(m)
+
+
+def test_a_declared_static_attribute_getting_data_is_an_error_naming_it():
   class Cfg(nnx.Module):
     options: nnx.Static[list]
 
-    def __init__(self):
+    def __init__(self, fill):
       self.options = []
+      if fill:
+        self.options.append(nnx.Param(jnp.ones(1)))
 
-  c = Cfg()
-  c.options.append(nnx.Param(jnp.ones(1)))
-  with pytest.raises(ValueError, match=r"Found unexpected data .* static attribute 'options'.*"
+  with pytest.raises(ValueError, match=r"^Found unexpected data .* static attribute 'options'.*"
                                        r"nnx.Data"):
-    nnx.state(c)
+    Cfg(fill=True)
+  c = Cfg(fill=False)
+  assert jax.tree.leaves(c) == []
 
 
 class Encoder(nnx.Module, pytree=False):
@@ -636,7 +834,7 @@ def test_copy_copy_is_shallow_and_independent():
   nnx.state(m)
   c = copy.copy(m)
   assert c.layers is m.layers and c.scale == m.scale  # shallow: the same children
-  c.layers = None  # static on the copy
+  c.layers = None  # still data (no leaves), on the copy only
   c.extra = nnx.Param(jnp.ones(1))
   del c.scale
   m.scale = 5.0  # any attribute set on the original after editing the copy
@@ -658,7 +856,7 @@ def test_copy_deepcopy_is_independent_all_the_way_down():
 
 class WithStats(nnx.Module):
   def __init__(self):
-    self.stats = nnx.State({'a': nnx.BatchStat(jnp.ones(2))})
+    self.stats = nnx.data(nnx.State({'a': nnx.BatchStat(jnp.ones(2))}))
 
 
 def test_a_state_attribute_edited_in_place_is_in_state_split_and_checkpoints(tmp_path):
@@ -748,9 +946,9 @@ def test_list_length_and_indexing_take_constant_time():
 def test_list_mutators_match_python_lists():
   ref = [0, 1, 2, 3]
   lst = nnx.List(ref)
-  for op in (lambda l: l.insert(1, 9), lambda l: l.remove(2), lambda l: l.reverse(),
-             lambda l: l.__delitem__(0), lambda l: l.__iadd__([7, 8]), lambda l: l.pop(1),
-             lambda l: l.__setitem__(slice(0, 2), [5]), lambda l: l.extend(l)):
+  for op in (lambda xs: xs.insert(1, 9), lambda xs: xs.remove(2), lambda xs: xs.reverse(),
+             lambda xs: xs.__delitem__(0), lambda xs: xs.__iadd__([7, 8]), lambda xs: xs.pop(1),
+             lambda xs: xs.__setitem__(slice(0, 2), [5]), lambda xs: xs.extend(xs)):
     op(ref)
     op(lst)
     assert list(lst) == ref and len(lst) == len(ref)
