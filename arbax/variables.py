@@ -15,6 +15,7 @@ returns a Variable of the same kind carrying the same metadata.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import operator
 import types
 import typing as tp
@@ -46,10 +47,15 @@ try:  # JAX's own token for the current trace, read without building a wrapper o
   def current_trace():  # pyright: ignore[reportRedeclaration]  (one of two, by JAX version)
     """A token for the JAX trace running now (eval, jit, grad, ...); equal tokens, same trace."""
     return _trace_ctx.trace._weakref
+
+  # The same token read in C, without a Python frame (unflatten runs once per Variable).
+  _trace_token = functools.partial(operator.attrgetter('trace._weakref'), _trace_ctx)
 except (ImportError, AttributeError):  # other JAX versions: the public, slower API
   def current_trace():
     """A token for the JAX trace running now (eval, jit, grad, ...); equal tokens, same trace."""
     return get_opaque_trace_state(convention='nnx')
+
+  _trace_token = current_trace
 
 
 def hash_stand_in(x):
@@ -766,7 +772,7 @@ def _register(cls):
     obj = _new(cls)
     _set_value_slot(obj, children[0])
     _set_meta_slot(obj, meta)
-    _set_trace_slot(obj, current_trace())
+    _set_trace_slot(obj, _trace_token())
     return obj
 
   jax.tree_util.register_pytree_with_keys(cls, _flatten_with_keys, unflatten, _flatten)
