@@ -728,6 +728,7 @@ class CachedFlat:
 
 
 _CACHE = caches.bounded('flattenings of unchanged objects', maxsize=64)
+_ONCE = caches.bounded('roots flattened once, not cached yet', maxsize=256)
 
 
 def _roots(obj):
@@ -755,6 +756,12 @@ def flatten_cached(obj, *, graph: bool | None = None, context: str = 'tree-mode 
       _structure.verify(f'the cached flattening ({context})', entry.fl.graphdef, entry.fl.leaves,
                         fresh.graphdef, fresh.leaves, fresh.paths)
     return entry.fl, entry
+  if entry is None and _ONCE.pop(key, None) is None:
+    # A first sight is not cached: an entry (GraphDef, Watch copies) costs a few times the
+    # State, which a one-off nnx.state (a checkpoint, a summary) should not leave behind.
+    # (An id reused by a new object only makes its entry come one call early.)
+    _ONCE[key] = True
+    return flatten(obj, graph=graph, context=context), None
   containers: list = []
   fl = flatten(obj, graph=graph, context=context, mark_seen=True, watch=containers)
   if not _cacheable(fl.graphdef.root):

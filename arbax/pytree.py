@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from arbax import _structure, _walk, reprhook
+from arbax import _structure, _walk, caches, reprhook
 from arbax.errors import TraceContextError
 from arbax.variables import Variable, current_trace, hash_stand_in
 
@@ -347,8 +347,53 @@ def _compute_parts(obj, d: dict) -> PytreeAux:
   order = tuple(k for k in d if k in kinds)
   data_keys = tuple(sorted((k for k in order if kinds[k]), key=_sort_key))
   static = tuple((k, _structure.snapshot(d[k])) for k in order if not kinds[k])
-  aux = d['_arbax_cache'] = PytreeAux(data_keys, static, order)
+  key = _intern_key(order, data_keys, static)
+  aux = _AUXES.get(key) if key is not None else None
+  if aux is None:
+    aux = PytreeAux(data_keys, static, order)
+    if key is not None:
+      _AUXES[key] = aux
+  d['_arbax_cache'] = aux
   return aux
+
+
+# Objects built alike (the 32 Linear layers of an MLP) share one aux: it describes a
+# structure, not an object, and a model of 5,000 Variables would otherwise hold thousands
+# of equal copies. Sharing is only safe when the static values are immutable and equal
+# values are interchangeable, so each value's key is its type plus something exact.
+_AUXES = caches.bounded('shared Pytree auxes', maxsize=4096)
+_EXACT_TYPES = frozenset({int, bool, str, bytes, type(None), type, types.FunctionType,
+                          types.BuiltinFunctionType, type(jnp.float32),
+                          *(type(np.dtype(t)) for t in ('bool', 'int8', 'int16', 'int32',
+                                                        'int64', 'uint8', 'uint32', 'float16',
+                                                        'float32', 'float64', 'complex64',
+                                                        jnp.bfloat16))})
+
+
+def _intern_key(order: tuple, data_keys: tuple, static: tuple):
+  """A hashable key that equals another one only when the auxes are interchangeable;
+  None when some static value cannot be keyed that strictly."""
+  parts = []
+  for k, v in static:
+    part = _exact(v)
+    if part is None:
+      return None
+    parts.append((k, part))
+  return order, data_keys, tuple(parts)
+
+
+def _exact(v):
+  t = type(v)
+  if t in _EXACT_TYPES:
+    return t, v
+  if t is float:  # 0.0 == -0.0, but they are not interchangeable
+    return t, v.hex()
+  if t is tuple:
+    parts = tuple(map(_exact, v))
+    return None if None in parts else (t, parts)
+  if t.__eq__ is object.__eq__ and t.__hash__ is object.__hash__:  # equality is identity
+    return t, id(v), v  # v itself keeps the id from being reused while the key lives
+  return None
 
 
 def _is_internal(key) -> bool:

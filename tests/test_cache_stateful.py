@@ -444,7 +444,8 @@ def test_update_writing_a_raw_array_into_a_plain_list_reaches_cached_plans(mode)
 def test_check_mode_raises_on_a_stale_cache():
   """The one change the watch cannot see (a bypass swap for an equal-valued Variable)."""
   m = Holder(nnx.Param(jnp.array(1.0)))
-  nnx.state(m)  # cached
+  nnx.state(m)
+  nnx.state(m)  # cached from the second sight on
   object.__setattr__(m, 'c', nnx.Param(jnp.array(1.0)))
   with _structure.check_cache(True):
     with pytest.raises(_structure.StaleCacheError, match=r"leaf \('c',\)"):

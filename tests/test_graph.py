@@ -134,6 +134,7 @@ def test_graphdef_is_a_valid_static_argument_of_jit():
 
 def test_flatten_cached_reuses_until_the_structure_changes():
   m = Holder(Block(), Block())
+  graph.flatten_cached(m)  # a first sight is walked, not cached
   fl1, entry = graph.flatten_cached(m)
   assert entry is not None and graph.flatten_cached(m)[0] is fl1
   m.items[0].w = nnx.Param(jnp.zeros(2))  # a new Variable: a structural change
@@ -157,6 +158,7 @@ def test_flatten_cached_sees_list_mutations():
 def test_plain_mutable_containers_are_cached_and_watched():
   m = Holder()
   m.xs = nnx.data([nnx.Param(1.0)])  # an untracked plain list
+  graph.flatten_cached(m)
   fl, entry = graph.flatten_cached(m)
   assert type(m.xs) is list and entry is not None and graph.flatten_cached(m)[0] is fl
   m.xs.append(nnx.Param(2.0))  # in place: no epoch bump, the watch sees it
@@ -165,6 +167,7 @@ def test_plain_mutable_containers_are_cached_and_watched():
 
 def test_tuple_roots_are_cached_by_their_members():
   a, b = Block(), Block()
+  graph.flatten_cached((a, b))
   fl, entry = graph.flatten_cached((a, b))
   assert entry is not None and graph.flatten_cached((a, b))[0] is fl
   assert graph.flatten_cached((b, a))[0] is not fl
@@ -175,6 +178,7 @@ def test_cache_does_not_keep_objects_alive():
   import weakref
   m = Block()
   graph.flatten_cached(m)
+  assert graph.flatten_cached(m)[1] is not None
   ref = weakref.ref(m)
   del m
   gc.collect()
@@ -299,6 +303,7 @@ def test_flatten_cached_sees_in_place_changes_of_containers_it_walked_into():
   import collections
   m = Holder(nnx.State({'a': nnx.Param(1.0)}), {0: nnx.Param(2.0)},
              collections.OrderedDict(a=nnx.Param(3.0)), (nnx.Param(4.0), []))
+  graph.flatten_cached(m)
   fl, entry = graph.flatten_cached(m)
   assert entry is not None and graph.flatten_cached(m)[0] is fl
   edits = [lambda: m.items[0].__setitem__('b', nnx.Param(5.0)),
@@ -318,6 +323,7 @@ def test_the_cache_keeps_no_entry_that_would_keep_a_cycle_alive():
   parent = Block()
   parent.child = Block()
   parent.child.parent = parent  # a reference cycle through the child's attributes
+  graph.flatten_cached(parent, graph=True)
   assert graph.flatten_cached(parent, graph=True)[1] is None
   ref = weakref.ref(parent)
   del parent
@@ -482,3 +488,14 @@ def test_tree_mode_leaves_of_a_data_container_are_state_static_attributes_are_no
   fl = graph.flatten(box, graph=False)
   rebuilt = graph.unflatten(fl.graphdef, [nnx.Param(jnp.array(1.0)), 7])
   assert rebuilt.pair[1] == 7 and rebuilt.size == 5 and float(rebuilt.pair[0][...]) == 1.0
+
+
+def test_a_first_flatten_is_not_cached_and_a_repeated_one_is():
+  # A one-off nnx.state (a checkpoint, a summary) leaves nothing behind; a loop reuses the walk.
+  model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+  key = ((id(model),), True)
+  nnx.state(model)
+  assert key not in graph._CACHE
+  nnx.state(model)
+  assert key in graph._CACHE
+  assert nnx.state(model)['kernel'] is model.kernel

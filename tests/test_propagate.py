@@ -279,3 +279,31 @@ def test_inconsistent_specs_for_a_shared_variable_name_both_paths():
   with pytest.raises(ValueError, match=r'Inconsistent aliasing detected[\s\S]*\.args\[0\]\.w: 0'
                                        r'[\s\S]*\.args\[1\]\.w: 1'):
     prop.resolve_leaf_specs(plan, lambda pos: pos, lambda spec, path, leaf: spec, 'axes')
+
+
+def test_the_collector_is_paused_while_a_body_is_traced_and_resumed_after():
+  import gc
+  seen = []
+
+  @nnx.jit
+  def step(m, x):
+    seen.append(gc.isenabled())
+    return m(x)
+
+  m = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+  step(m, jnp.ones(2))
+  assert seen == [False] and gc.isenabled()
+
+  @nnx.jit
+  def fails(m):
+    raise RuntimeError('inside')
+
+  with pytest.raises(RuntimeError, match='inside'):
+    fails(m)
+  assert gc.isenabled()
+  gc.disable()  # a caller who paused it keeps it paused
+  try:
+    nnx.jit(lambda m, x: m(x))(m, jnp.ones(2))
+    assert not gc.isenabled()
+  finally:
+    gc.enable()

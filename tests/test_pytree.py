@@ -618,7 +618,8 @@ def test_writes_that_bypass_setattr_are_seen_by_plans_split_and_jax(write, mode)
   step = nnx.jit(lambda m, x: m(x), graph=mode)
   x = jnp.ones(2)
   np.testing.assert_allclose(step(m, x), m(x), rtol=1e-6)
-  nnx.split(m, graph=mode)  # cached
+  nnx.split(m, graph=mode)
+  nnx.split(m, graph=mode)  # cached from the second sight on
   write(m, 3.0)
   np.testing.assert_allclose(step(m, x), m(x), rtol=1e-6)
   assert nnx.merge(*nnx.split(m, graph=mode)).scale == 3.0
@@ -990,6 +991,27 @@ def test_every_structural_edit_of_a_seen_object_bumps_the_epoch_and_only_then(ed
   assert _settings.EPOCH[0] == before
   seen = make()
   nnx.state(seen)
+  nnx.state(seen)  # a repeated walk is cached: its objects are now seen
   before = _settings.EPOCH[0]
   edit(seen)
   assert _settings.EPOCH[0] > before
+
+
+def test_objects_built_alike_share_one_structure_description():
+  a, b = nnx.Linear(2, 3, rngs=nnx.Rngs(0)), nnx.Linear(2, 3, rngs=nnx.Rngs(1))
+  (_, aux_a), (_, aux_b) = jax.tree.flatten(a)[1].node_data(), jax.tree.flatten(b)[1].node_data()
+  assert aux_a is aux_b  # a model of thousands of equal layers keeps one
+  assert jax.tree.flatten(nnx.Linear(2, 4, rngs=nnx.Rngs(0)))[1].node_data()[1] is not aux_a
+
+
+@pytest.mark.parametrize('first, second', [(0.0, -0.0), (1, True), (1, 1.0), (len, abs)])
+def test_static_values_that_are_equal_but_not_interchangeable_are_kept_apart(first, second):
+  class Holder(nnx.Module):
+    def __init__(self, tag):
+      self.tag = tag
+      self.w = nnx.Param(jnp.ones(1))
+
+  x, y = Holder(first), Holder(second)
+  rebuilt = nnx.merge(*nnx.split(y))
+  assert type(rebuilt.tag) is type(second) and repr(rebuilt.tag) == repr(second)
+  assert nnx.merge(*nnx.split(x)).tag is first or repr(nnx.merge(*nnx.split(x)).tag) == repr(first)

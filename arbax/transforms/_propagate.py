@@ -25,6 +25,8 @@ replays it after every call onto the caller's objects (see ``restructure``).
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import typing as tp
 import weakref as _weakref
 
@@ -603,7 +605,8 @@ class Inner:
     self.nodes = nodes
 
   def call(self, fun: tp.Callable):
-    return fun(*self.args, **self.kwargs)
+    with collector_paused():
+      return fun(*self.args, **self.kwargs)
 
   def updates(self, keep: tp.Container[int] = ()) -> tuple[tuple, list]:
     """Indices and new values of the leaves whose value changed (plus the Variables in ``keep``):
@@ -804,11 +807,32 @@ def run(fun: tp.Callable, key: CallKey, inputs: tp.Sequence, *, graph: bool,
   ``map_inputs`` is False. ``hook`` may rewrite the Output before it leaves the trace (e.g.
   ``nnx.jit`` constrains updates and outputs to their shardings).
   """
-  inner = Inner(key, inputs)
-  out = inner.call(fun)
-  result = inner.result(out, graph=graph, graph_updates=graph_updates, keep=keep,
-                        map_inputs=map_inputs, name=name)
-  return result if hook is None else hook(result)
+  with collector_paused():
+    inner = Inner(key, inputs)
+    out = inner.call(fun)
+    result = inner.result(out, graph=graph, graph_updates=graph_updates, keep=keep,
+                          map_inputs=map_inputs, name=name)
+    return result if hook is None else hook(result)
+
+
+@contextlib.contextmanager
+def collector_paused():
+  """Pause Python's garbage collector while a transform's body is traced.
+
+  A trace allocates tens of thousands of long-lived objects (tracers, equations, the
+  user's new Modules); each time the allocation count crosses the collector's threshold
+  it walks every object of the process, and a trace pays for several such walks. Paused,
+  the garbage of the trace is collected once, after it. Nested bodies leave the
+  outermost one to resume the collector.
+  """
+  if not gc.isenabled():
+    yield
+    return
+  gc.disable()
+  try:
+    yield
+  finally:
+    gc.enable()
 
 
 def output_leaf_paths(result: Output) -> list[tuple[bool, tuple]]:
