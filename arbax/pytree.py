@@ -557,18 +557,19 @@ class Pytree:
       return
     d = self.__dict__
     kinds = d['_arbax_kinds']
-    if type(self)._arbax_pytree:
-      value, kind = _classify(self, name, value, kinds.get(name))
+    current = kinds.get(name)
+    if self._arbax_pytree:
+      value, kind = _classify(self, name, value, current)
     else:  # no rules: classified by value, at every assignment and again when flattened
       if isinstance(value, _Marked):
         value, kind = value.value, type(value) is _DataValue
       else:
         kind = _holds_data(value)
-    if name in type(self)._arbax_properties:
+    if name in self._arbax_properties:
       object.__setattr__(self, name, value)
       return
     d[name] = value
-    if kinds.get(name) is not kind:
+    if current is not kind:
       kinds[name] = kind
     _structure.changed(self)
 
@@ -648,12 +649,20 @@ def check_trace(obj: Pytree, name) -> None:
 def _classify(obj, name, value, current: bool | None) -> tuple[tp.Any, bool]:
   """``(value without its marker, is_data)`` for ``obj.name = value``; ``current`` is the
   attribute's class if it has one (it keeps it). Raises ValueError as NNX does."""
+  # The two assignments __init__ makes most (a number or function, a Param), decided at once.
+  if type(value) in _PLAIN_STATIC:
+    return value, current if current is not None else obj._arbax_declared.get(name, False)
+  if isinstance(value, _DATA_ITSELF) and (
+      current or current is None and name not in obj._arbax_declared):
+    return value, True
   explicit = None
   if isinstance(value, _Marked):
     explicit = type(value) is _DataValue
     value = value.value
   data_at = None  # where data is inside the value: '' for the value itself
-  if type(value) not in _PLAIN_STATIC:
+  if isinstance(value, _DATA_ITSELF):
+    data_at = ''
+  elif type(value) not in _PLAIN_STATIC:
     data_at, tags = _scan(value)
     if tags:
       raise _nested_markers(obj, name, value, tags)
@@ -682,6 +691,9 @@ def _classify(obj, name, value, current: bool | None) -> tuple[tp.Any, bool]:
   if not kind and type(value) not in _PLAIN_STATIC:
     _check_no_hidden_state(obj, name, value)
   return value, kind
+
+
+_DATA_ITSELF = (Variable, Pytree, jax.Array, np.ndarray)
 
 
 def _data_or_marked(x) -> bool:

@@ -44,12 +44,11 @@ try:  # JAX's own token for the current trace, read without building a wrapper o
   from jax._src.core import trace_ctx as _trace_ctx
   _trace_ctx.trace._weakref  # noqa: B018  (probe: the attribute exists in this JAX)
 
-  def current_trace():  # pyright: ignore[reportRedeclaration]  (one of two, by JAX version)
-    """A token for the JAX trace running now (eval, jit, grad, ...); equal tokens, same trace."""
-    return _trace_ctx.trace._weakref
-
-  # The same token read in C, without a Python frame (unflatten runs once per Variable).
-  _trace_token = functools.partial(operator.attrgetter('trace._weakref'), _trace_ctx)
+  # Read in C, without a Python frame: every Variable unflatten and attribute assignment asks.
+  current_trace = functools.partial(operator.attrgetter('trace._weakref'), _trace_ctx)  # pyright: ignore[reportAssignmentType]
+  current_trace.__doc__ = ('A token for the JAX trace running now (eval, jit, grad, ...); '
+                           'equal tokens, same trace.')
+  _trace_token = current_trace
 except (ImportError, AttributeError):  # other JAX versions: the public, slower API
   def current_trace():
     """A token for the JAX trace running now (eval, jit, grad, ...); equal tokens, same trace."""

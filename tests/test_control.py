@@ -407,3 +407,21 @@ def test_cached_partial_is_graph_mode_only():
     with pytest.raises(ValueError, match='graph-mode-only'):
       nnx.cached_partial(lambda m: m, model)
     assert nnx.compat.cached_partial(lambda m: m, model)() is not model   # compat: graph updates
+
+
+def test_eval_shape_gives_each_variable_its_own_shape_when_layers_share_traced_values():
+  # Under eval_shape equal layers share their traced initial values; the output keeps order.
+  class Mixed(nnx.Module):
+    def __init__(self, rngs):
+      self.layers = nnx.List([nnx.Linear(2, 3, rngs=rngs), nnx.Linear(3, 5, rngs=rngs),
+                              nnx.Linear(2, 3, rngs=rngs), nnx.Linear(3, 5, use_bias=False,
+                                                                      rngs=rngs)])
+
+  abstract = nnx.eval_shape(lambda: Mixed(nnx.Rngs(0)))
+  shapes = [(layer.kernel.shape, layer.bias.shape if layer.bias is not None else None)
+            for layer in abstract.layers]
+  assert shapes == [((2, 3), (3,)), ((3, 5), (5,)), ((2, 3), (3,)), ((3, 5), None)]
+  assert all(isinstance(v[...], jax.ShapeDtypeStruct) for v in nnx.state(abstract).flat_state().leaves)
+  x = jnp.ones((4, 2), jnp.int32)
+  a, b, c = nnx.eval_shape(lambda x: (x, x, x.astype(jnp.float32)), x)
+  assert (a.shape, a.dtype, b.dtype, c.dtype) == ((4, 2), jnp.int32, jnp.int32, jnp.float32)

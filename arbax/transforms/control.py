@@ -218,10 +218,47 @@ def _abstract_evaluator(f: tp.Callable, graph: bool, tracking: bool):
       # graph updates NNX refuses outputs that are input Variables (map_inputs checks them).
       # Only shapes come out, so keys and initial values are traced once per kind.
       with abstract_init.abstract_init():
-        return prop.run(fun_ref(), key, inputs, graph=graph, graph_updates=False,
-                        map_inputs=not tracking, name='eval_shape')
+        result = prop.run(fun_ref(), key, inputs, graph=graph, graph_updates=False,
+                          map_inputs=not tracking, name='eval_shape')
+      return _Shapes.of(result)
     return jax.jit(_named_like(evaluate, f), static_argnums=0)
   return _cached_wrapper(f, ('eval_shape', graph, tracking), make)
+
+
+class _Shapes:
+  """eval_shape's output leaves, each distinct traced value once.
+
+  Under ``abstract_init`` the layers of a model share their traced initial values (one
+  per kind), so 5,000 Variables may hold a handful of distinct tracers: JAX then makes
+  a handful of ShapeDtypeStructs and result paths instead of 5,000.
+  """
+
+  __slots__ = ('out_def', 'distinct', 'where')
+
+  def __init__(self, out_def, distinct: list, where: tuple):
+    self.out_def, self.distinct, self.where = out_def, distinct, where
+
+  @classmethod
+  def of(cls, result: prop.Output) -> '_Shapes':
+    first: dict = {}
+    distinct: list = []
+    where = []
+    for leaf in result.out_leaves:
+      i = first.setdefault(id(leaf), len(distinct))
+      if i == len(distinct):
+        distinct.append(leaf)
+      where.append(i)
+    return cls(result.out_def, distinct, tuple(where))
+
+  @property
+  def out_leaves(self) -> list:
+    distinct = self.distinct
+    return [distinct[i] for i in self.where]
+
+
+jax.tree_util.register_pytree_node(
+    _Shapes, lambda s: (s.distinct, (s.out_def, s.where)),
+    lambda aux, distinct: _Shapes(aux[0], list(distinct), aux[1]))
 
 
 _EVAL_SHAPE_PLANS = _LastPlan('tree-mode eval_shape')
