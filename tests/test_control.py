@@ -425,3 +425,20 @@ def test_eval_shape_gives_each_variable_its_own_shape_when_layers_share_traced_v
   x = jnp.ones((4, 2), jnp.int32)
   a, b, c = nnx.eval_shape(lambda x: (x, x, x.astype(jnp.float32)), x)
   assert (a.shape, a.dtype, b.dtype, c.dtype) == ((4, 2), jnp.int32, jnp.int32, jnp.float32)
+
+
+def test_cond_called_outside_jit_compiles_nothing_on_a_repeat(caplog):
+  acc, x = Acc(), jnp.ones(2)
+
+  def skip(acc, x):
+    return x
+
+  def step(flag):
+    return nnx.cond(flag, add, skip, acc, x)
+
+  step(True), step(False)  # first calls compile
+  with jax.log_compiles(True), caplog.at_level('WARNING'):
+    for flag in (True, False, True):
+      step(flag)
+  assert not [r.getMessage() for r in caplog.records if 'Compiling' in r.getMessage()]
+  assert int(acc.calls[...]) == 3 and float(acc.total[...]) == 6.0

@@ -770,3 +770,24 @@ def test_loops_trace_their_body_once_and_work_inside_jit():
   nnx.while_loop(cond, lambda m: body(0, m), layer)
   nnx.while_loop(cond, lambda m: body(0, m), layer)   # a new body function: traced again
   assert int(layer.count[...]) == 10
+
+
+# -- outside jit: a repeated call compiles nothing ---------------------------------
+
+def test_scan_and_vmap_called_outside_jit_compile_once_per_structure(caplog):
+  layers = stacked_layers(3)
+  x = jnp.ones(2)
+
+  @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+  def through(x, layer):
+    return jnp.tanh(layer(x))
+
+  forward = nnx.vmap(lambda m, x: m(x), in_axes=(0, None))
+  through(x, layers), forward(layers, x)  # first calls compile
+  with jax.log_compiles(True), caplog.at_level('WARNING'):
+    for _ in range(3):
+      y = through(x, layers)
+      forward(layers, x)
+  assert not [r.getMessage() for r in caplog.records if 'Compiling' in r.getMessage()]
+  np.testing.assert_array_equal(layers.count[...], [8, 8, 8])  # 4 scans + 4 vmaps
+  assert y.shape == (2,)
