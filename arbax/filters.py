@@ -318,7 +318,7 @@ def filters_to_predicates(filters: tp.Sequence[Filter]) -> tuple:
   """
   for i, f in enumerate(filters[:-1]):
     if f is ... or f is True:
-      raise ValueError(f'`...` or `True` can only be used as the last filter, got {f!r} at '
+      raise ValueError(f'`...` or `True` can only be used as the last filters, got {f!r} at '
                        f'index {i} of {len(filters)} filters. Move it to the end.')
   return tuple(to_predicate(f) for f in filters)
 

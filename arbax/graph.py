@@ -398,8 +398,9 @@ def alias_error(what: str, path, first_path, context: str = 'tree-mode',
       f'{context} does not support {shared}.\n'
       f'Duplicate {type_name or what} found at paths:\n\n'
       f'  - {format_path(first_path)}\n  - {format_path(path)}\n\n'
-      'Pass graph=True (or use nnx.set_graph_mode(True)) to allow sharing, or make the two '
-      'references separate objects (e.g. with nnx.clone).', obj=obj, path=path,
+      'Tree mode (graph=False) does not support shared references. Pass graph=True (or use '
+      'nnx.set_graph_mode(True)) to allow sharing, or make the two references separate objects '
+      '(e.g. with nnx.clone).', obj=obj, path=path,
       first_path=first_path)
 
 

@@ -60,13 +60,23 @@ class State(dict):
       as they are given.
   """
 
+  def __init__(self, mapping=(), /, **entries):
+    dict.__init__(self, mapping, **entries)
+    for k, v in self.items():
+      if type(v) is dict:  # nested plain dicts become States: ``state.b.c`` reads, as NNX
+        dict.__setitem__(self, k, State(v))
+
   def __getattr__(self, name):
     if name.startswith('__'):
       raise AttributeError(name)
     try:
-      return self[name]
+      value = self[name]
     except KeyError:
       raise AttributeError(f'No attribute {name!r} in State; its keys are {list(self)}') from None
+    if type(value) is dict:  # a plain dict stored as an entry: read (and written) as a State
+      value = State(value)
+      dict.__setitem__(self, name, value)
+    return value
 
   def __setattr__(self, name, value):
     self[name] = value
@@ -226,8 +236,7 @@ class State(dict):
 
   def __sub__(self, other):
     """The entries of ``self`` whose paths are not in ``other``."""
-    drop = set(flat_dict(other))
-    return from_flat_state([(p, v) for p, v in _flat_items(self) if p not in drop])
+    return diff(self, other)
 
 
 # keys in insertion order -> keys in pytree (sorted) order
@@ -255,9 +264,14 @@ def _state_flatten_with_keys(s):
 
 
 def _state_unflatten(keys, children):
-  s = State()
+  s = _blank(State)
   dict.update(s, zip(keys, children))
   return s
+
+
+# A State made from entries that are already States or leaves needs no __init__ (nothing to
+# convert): the builders and JAX's unflatten make them this way, on hot paths.
+_blank = dict.__new__
 
 
 jax.tree_util.register_pytree_with_keys(State, _state_flatten_with_keys, _state_unflatten,
@@ -575,6 +589,27 @@ def from_flat_state(flat, *, cls=State) -> State:
   return root
 
 
+def diff(state: tp.Mapping, other: tp.Mapping) -> State:
+  """The entries of ``state`` whose paths are not in ``other`` (``state - other``).
+
+      >>> import arbax as nnx
+      >>> a, b = nnx.State({'w': 1, 'n': {'k': 2}}), nnx.State({'w': 3})
+      >>> nnx.statelib.diff(a, b).to_pure_dict()
+      {'n': {'k': 2}}
+
+  Args:
+    state: the State to take entries from.
+    other: the State whose paths are dropped.
+
+  Returns:
+    A new State (``state`` itself when ``other`` is empty, as NNX).
+  """
+  if not other:
+    return state if isinstance(state, State) else State(state)
+  drop = set(flat_dict(other))
+  return from_flat_state([(p, v) for p, v in _flat_items(state) if p not in drop])
+
+
 def to_pure_dict(state: tp.Mapping) -> dict:
   """Plain nested dicts of raw values (Variables unwrapped): what checkpoints store.
 
@@ -687,9 +722,9 @@ def unmatched_error(unmatched: list, predicates) -> ValueError:
     more = f' (and {len(rest)} more: ' + ', '.join(format_path(p) for p, _ in rest[:3]) + \
         (', ...' if len(rest) > 3 else '') + ')'
   return ValueError(
-      f'Non-exhaustive filters: the {type(leaf).__name__} at {format_path(path)}{more} matched '
-      f'none of the filters {list(predicates)}. Add a filter for it, or end the filters with '
-      '`...` to match all remaining elements.')
+      f'Non-exhaustive filters, got a non-empty remainder: the {type(leaf).__name__} at '
+      f'{format_path(path)}{more} matched none of the filters {list(predicates)}. Add a filter '
+      'for it, or end the filters with `...` to match all remaining elements.')
 
 
 def _split_groups(state, filters, strict):
@@ -822,7 +857,7 @@ def skeleton(paths: tp.Iterable[tuple]) -> tuple:
 
 def build_state(skel: tuple, leaves: tp.Iterator) -> State:
   """A fresh State of shape ``skel`` filled from ``leaves`` (an iterator, in skeleton order)."""
-  s = State()
+  s = _blank(State)
   for k, sub in skel:
     s[k] = next(leaves) if sub is None else build_state(sub, leaves)
   return s
@@ -835,7 +870,9 @@ def _leaf_level(keys: tuple) -> tp.Callable[[tp.Iterator], State]:
   n = len(keys)
 
   def leaf_level(it):
-    return State(zip(keys, islice(it, n)))
+    s = _blank(State)
+    dict.update(s, zip(keys, islice(it, n)))
+    return s
   return leaf_level
 
 
@@ -852,7 +889,7 @@ def compile_builder(skel: tuple) -> tp.Callable[[tp.Iterator], State]:
   parts = tuple((k, None if sub is None else compile_builder(sub)) for k, sub in skel)
 
   def branch_level(it):
-    s = State()
+    s = _blank(State)
     for k, sub in parts:
       s[k] = next(it) if sub is None else sub(it)
     return s
@@ -918,7 +955,7 @@ def _compile_level(skel):
 
 __all__ = ['create_path_filters', 'graph_state_parts', 'State', 'GraphState', 'FlatState',
            'to_flat_state', 'from_flat_state', 'flat_dict', 'to_pure_dict',
-           'replace_by_pure_dict', 'filter_state', 'split_state', 'merge_state', 'map_state',
+           'replace_by_pure_dict', 'filter_state', 'split_state', 'merge_state', 'map_state', 'diff',
            'restore_int_paths']
 
 

@@ -266,6 +266,8 @@ class _Recorder:
     self.paused = False
     self.compute_flops = compute_flops
     self.compute_vjp_flops = compute_vjp_flops
+    self.pending: list = []
+    self.kept: list = []
 
   def call(self, fn, name: str, obj, args, kwargs):
     key = (id(obj), name)
@@ -275,31 +277,83 @@ class _Recorder:
     inputs = _inputs_text(args, kwargs)
     identity = (id(obj), name, inputs)
     row = None
-    if identity not in self.seen:  # the same call again (a shared layer) is one row
-      self.seen.add(identity)
-      path = info.path if name == '__call__' else (*info.path, name)
-      shown = self.depth is None or len(path) <= self.depth  # FLOPs only for rows shown
-      row = CallInfo(next(self.order), id(obj), type(obj), path, inputs, '',
-                     self._flops(fn, obj, args, kwargs, False) if shown else None,
-                     self._flops(fn, obj, args, kwargs, True) if shown else None)
-      self.rows.append(row)
+    call = functools.partial(fn, obj, *args, **kwargs)
     self.active.add(key)
     try:
-      out = fn(obj, *args, **kwargs)
+      if identity not in self.seen:  # the same call again (a shared layer) is one row
+        self.seen.add(identity)
+        path = info.path if name == '__call__' else (*info.path, name)
+        shown = self.depth is None or len(path) <= self.depth  # FLOPs only for rows shown
+        order = next(self.order)  # before the calls inside it: rows list in pre-order
+        flops = None
+        if shown and self.compute_flops:
+          # Lowering traces the body once (the calls inside record their own rows); the
+          # call below then reuses that trace, so every body runs once, as in NNX.
+          call = _TracedCall(fn, obj, args, kwargs)
+          flops = call.flops()
+        row = CallInfo(order, id(obj), type(obj), path, inputs, '', flops,
+                       self._vjp_flops(fn, obj, args, kwargs) if shown else None)
+        self.rows.append(row)
+      out = call()
     finally:
       self.active.discard(key)
     if row is not None:
       row.outputs = _text(out) if out is not None else ''
     return out
 
-  def _flops(self, fn, obj, args, kwargs, backward: bool) -> int | None:
-    if not (self.compute_vjp_flops if backward else self.compute_flops):
+  def expect(self, originals) -> None:
+    """The next ``adopt`` receives copies of ``originals`` (a pytree of objects)."""
+    self.pending = _nodes(originals)
+
+  def adopt(self, copies) -> None:
+    """Report the calls of ``copies`` (made from what ``expect`` was given) as the originals'."""
+    for original, copy in zip(self.pending, _nodes(copies)):
+      info = self.infos.get(id(original))
+      if info is not None:
+        self.infos[id(copy)] = info
+        self.kept.append(copy)  # alive while its id names it here
+
+  def _vjp_flops(self, fn, obj, args, kwargs) -> int | None:
+    if not self.compute_vjp_flops:
       return None
     self.paused = True  # the calls made while lowering are not rows
     try:
-      return _call_flops(fn, obj, args, kwargs, backward)
+      return _call_flops(fn, obj, args, kwargs, backward=True)
     finally:
       self.paused = False
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _run_split(fn, graphdef, treedef, caller, leaves):
+  # ``caller`` (the object's id) keeps equal layers apart: each one's calls inside are rows.
+  merged = api.merge(graphdef, jax.tree_util.tree_unflatten(treedef, leaves))
+  if _RECORDERS:  # the copies made here are the caller's objects: their calls are rows too
+    _RECORDERS[-1].adopt(merged)
+  (obj, args), kwargs = merged
+  return fn(obj, *args, **kwargs)
+
+
+class _TracedCall:
+  """``fn(obj, *args, **kwargs)`` as one jitted function: lowered for its FLOPs, then called
+  with the same argument types, which reuses the trace the lowering made."""
+
+  def __init__(self, fn, obj, args, kwargs):
+    self.originals = ((obj, args), kwargs)
+    graphdef, state = api.split(self.originals, graph=True)
+    self.leaves, treedef = jax.tree_util.tree_flatten(state)
+    self.static = (fn, graphdef, treedef, id(obj))
+
+  def flops(self) -> int:
+    _RECORDERS[-1].expect(self.originals)
+    return _flops(_run_split.lower(*self.static, self.leaves))
+
+  def __call__(self):
+    return _run_split(*self.static, self.leaves)
+
+
+def _nodes(tree) -> list:
+  """The objects of ``tree`` in graph order (equal for an object graph and its merged copy)."""
+  return [x for _, x in api.iter_graph(tree, graph=True) if isinstance(x, Pytree)]
 
 
 _RECORDERS: list[_Recorder] = []
@@ -429,6 +483,8 @@ def tabulate(obj, *input_args, depth: int | None = None, method: str = '__call__
       jax.eval_shape(run, state)
     finally:
       _RECORDERS.remove(recorder)
+      # its traces are keyed by object ids, valid for this run only
+      _run_split.clear_cache()  # pyright: ignore[reportAttributeAccessIssue]  (jax.jit's method)
 
   rows = [r for r in sorted(recorder.rows, key=lambda r: r.call_order)
           if (depth is None or len(r.path) <= depth) and row_filter(r)]

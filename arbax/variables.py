@@ -203,6 +203,14 @@ class Variable:
     super().__init_subclass__(**kwargs)
     if not cls.__dict__.get('_arbax_hijax_kind'):  # hijax hook: twins register themselves
       _register(cls)
+    # A subclass with its own get_value sees every read through it, ``v[...]`` and
+    # ``v.value`` included (as in NNX); the base class reads its slot directly.
+    if 'get_value' in cls.__dict__:
+      if '__getitem__' not in cls.__dict__:
+        cls.__getitem__ = _read_through_get_value
+      if 'value' not in cls.__dict__:
+        cls.value = property(lambda self: self.get_value(), Variable.value.fset,
+                             doc=Variable.value.__doc__)
 
   # -- construction without __init__ (pytree unflatten, merge, transforms) --
   @classmethod
@@ -748,6 +756,10 @@ for _name, _op in [('neg', operator.neg), ('pos', operator.pos), ('abs', operato
                    ('invert', operator.invert)]:
   setattr(Variable, f'__{_name}__', (lambda op: lambda self: op(self._value))(_op))
 Variable.__hash__ = object.__hash__
+
+
+def _read_through_get_value(self, index):
+  return self.get_value(index=index)
 
 
 def _flatten(v):

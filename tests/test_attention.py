@@ -143,7 +143,7 @@ def test_computation_dtype():
 
 @pytest.mark.parametrize('shapes,match', [
     (((1, 3, 2, 4), (3, 2, 4), (3, 2, 4)), 'same rank'),
-    (((1, 3, 2, 4), (2, 3, 2, 4), (2, 3, 2, 4)), 'batch dimensions'),
+    (((1, 3, 2, 4), (2, 3, 2, 4), (2, 3, 2, 4)), 'batch dims must match'),
     (((1, 3, 2, 4), (1, 3, 2, 4), (1, 5, 2, 4)), 'k, v lengths'),
     (((1, 3, 3, 4), (1, 3, 2, 4), (1, 3, 2, 4)), r'Query heads \(3\)'),
 ])

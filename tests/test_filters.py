@@ -99,3 +99,9 @@ def test_filters_select_in_split_first_match_wins():
       self.dec = nnx.Param(jnp.ones(1))
   _, first, second = nnx.split(M(), 'enc', nnx.Param)
   assert list(first) == ['enc'] and list(second) == ['dec']
+
+
+def test_a_catch_all_filter_must_come_last():
+  with pytest.raises(ValueError, match=r'`\.\.\.` or `True` can only be used as the last filters, '
+                                       r'got Ellipsis at index 0'):
+    nnx.split(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), ..., nnx.Param)

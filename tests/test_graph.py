@@ -106,6 +106,7 @@ def test_tree_mode_alias_error_names_both_paths_and_the_context():
     graph.flatten(Holder(p, p), graph=False, context='tree-mode jit')
   msg = str(e.value)
   assert '.items[1]' in msg and '.items[0]' in msg and 'tree-mode jit' in msg
+  assert 'Tree mode (graph=False) does not support shared references' in msg  # NNX's sentence
 
 
 def test_graphdef_equality_hash_repr_and_pickle():

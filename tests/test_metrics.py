@@ -34,9 +34,10 @@ def test_average_mask_leaves_entries_out():
   avg.update(values=jnp.array([1.0, 2.0, 3.0, 10.0]), mask=jnp.array([True, True, False, True]))
   assert float(avg.compute()) == pytest.approx(13 / 3)
   avg.reset()
-  # a (2, 1) mask broadcasts over the (2, 3) values: the first row only
+  # a (2, 1) mask broadcasts over the (2, 3) values in the total (the first row only), while
+  # the count adds the mask's own sum, as NNX: here 1
   avg.update(values=jnp.array([[1.0, 2.0, 3.0], [7.0, 8.0, 9.0]]), mask=jnp.array([[1], [0]]))
-  assert float(avg.compute()) == pytest.approx(2.0) and int(avg.count[...]) == 3
+  assert float(avg.total[...]) == 6.0 and int(avg.count[...]) == 1
 
 
 def test_average_reset_and_empty_compute():
@@ -265,3 +266,26 @@ def test_custom_metric_subclass():
 def test_only_metric_and_multimetric_are_top_level():
   assert nnx.Metric is metrics.Metric and nnx.MultiMetric is metrics.MultiMetric
   assert not hasattr(nnx, 'Average') and not hasattr(nnx, 'Welford')
+
+
+def test_average_mask_weighs_values_and_needs_array_values():
+  avg = nnx.metrics.Average('loss')
+  avg.update(loss=jnp.array([2.0, 4.0, 8.0]), mask=jnp.array([1.0, 0.5, 0.0]))
+  assert float(avg.total[...]) == 4.0 and int(avg.count[...]) == 1  # 2*1 + 4*0.5; sum 1.5 -> 1
+  avg.update(loss=3)  # a Python number is one value
+  assert float(avg.total[...]) == 7.0 and int(avg.count[...]) == 2
+  with pytest.raises(ValueError, match='If mask is provided, loss should be a jax array'):
+    avg.update(loss=3, mask=jnp.ones(1))
+
+
+def test_multimetric_masks_by_name_and_skips_metrics_without_one():
+  class Hits(nnx.metrics.Accuracy):
+    def update(self, preds, truth, **_):  # takes no mask
+      super().update(logits=preds, labels=truth)
+
+  metrics = nnx.MultiMetric(hits=Hits(), loss=nnx.metrics.Average())
+  logits = jnp.array([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+  metrics.update(preds=logits, truth=jnp.array([1, 1, 1]), values=jnp.array([1.0, 2.0, 6.0]),
+                 mask={'loss': jnp.array([True, True, False])})
+  out = metrics.compute()
+  assert np.isclose(out['hits'], 2 / 3) and float(out['loss']) == 1.5

@@ -358,8 +358,9 @@ def test_weight_norm_normalises_each_output_column():
   direction = k / jnp.linalg.norm(k, axis=0, keepdims=True)
   expected = XL @ (direction * scale[...]) + linear.bias[...]
   np.testing.assert_allclose(wn(XL), expected, rtol=1e-5, atol=1e-5)
-  # The stored kernel is left as it was: only the call sees the normalised one.
-  np.testing.assert_array_equal(linear.kernel[...], k)
+  # As in NNX the layer keeps the normalised kernel: its columns now have the scales' norms.
+  np.testing.assert_allclose(jnp.linalg.norm(linear.kernel[...], axis=0), jnp.abs(scale[...]),
+                             rtol=1e-5)
 
 
 def test_weight_norm_of_the_whole_kernel_and_without_scale():
@@ -410,7 +411,7 @@ def test_spectral_norm_divides_by_the_largest_singular_value():
   sigma = float(sn.batch_stats[('kernel', 'sigma')][...])
   assert sigma == pytest.approx(top, rel=1e-3)
   np.testing.assert_allclose(y, XL @ (k / sigma) + linear.bias[...], rtol=1e-4, atol=1e-5)
-  np.testing.assert_array_equal(linear.kernel[...], k)
+  np.testing.assert_allclose(linear.kernel[...], k / sigma, rtol=1e-5)  # kept, as in NNX
 
 
 def test_spectral_norm_power_iteration_step():

@@ -198,3 +198,32 @@ def test_equal_levels_of_a_state_share_one_builder_and_one_skeleton_level():
   assert len({id(statelib.compile_builder(level)) for _, level in skel}) == 1
   built = build(iter(range(200)))
   assert built[3]['kernel'] == 7 and built[99]['bias'] == 198
+
+
+def test_nested_dicts_read_and_write_as_states_by_attribute():
+  state = nnx.State({'a': nnx.Param(jnp.array(1)), 'b': {'c': nnx.Param(jnp.array(2))}})
+  assert isinstance(state['b'], nnx.State) and state.b.c[...] == 2
+  state.b.c[...] = 4
+  state.b.d = nnx.Param(jnp.array(5))
+  assert state['b']['c'][...] == 4 and state['b']['d'][...] == 5
+  state['e'] = {'f': 1}  # a plain dict stored later reads as a State too, writes included
+  state.e.g = 2
+  assert state['e'] == {'f': 1, 'g': 2}
+  with pytest.raises(AttributeError, match="'missing'"):
+    state.missing
+
+
+def test_diff_keeps_the_paths_the_other_state_lacks():
+  a = nnx.State({'w': nnx.Param(1.0), 'n': {'k': nnx.BatchStat(2.0), 'j': 3}})
+  b = nnx.State({'w': nnx.Param(0.0), 'n': {'j': 0}})
+  assert nnx.statelib.diff(a, b).to_pure_dict() == {'n': {'k': 2.0}}
+  assert (a - b).to_pure_dict() == {'n': {'k': 2.0}}
+  assert nnx.statelib.diff(a, nnx.State({})) is a
+  assert nnx.statelib.diff(b, b) == nnx.State({})
+
+
+def test_filters_that_leave_a_remainder_name_it():
+  model = nnx.BatchNorm(2, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r'Non-exhaustive filters, got a non-empty remainder: '
+                                       r'the BatchStat at \.mean'):
+    nnx.split(model, nnx.Param)

@@ -234,3 +234,32 @@ def test_table_and_column_options_reach_rich():
 
 def test_nnx_summary_is_this_module():
   assert nnx.summary.tabulate is nnx.tabulate
+
+
+def test_flops_need_one_run_of_each_body_and_list_every_equal_layer():
+  runs = []
+
+  class Block(nnx.Module):
+    def __init__(self, rngs):
+      self.linear = nnx.Linear(2, 2, rngs=rngs)
+
+    def __call__(self, x):
+      runs.append(self)
+      return self.linear(x)
+
+  class Stack(nnx.Module):
+    def __init__(self, rngs):
+      self.blocks = nnx.List([Block(rngs) for _ in range(4)])
+
+    def __call__(self, x):
+      for block in self.blocks:
+        x = block(x)
+      return x
+
+  model = Stack(nnx.Rngs(0))
+  first = nnx.tabulate(model, jnp.ones((3, 2)), compute_flops=True, console_kwargs={'width': 200})
+  assert len(runs) == 4  # each Block's body traced once: lowering and call share the trace
+  for i in range(4):
+    assert f'blocks/{i}/linear' in first  # equal layers are not merged into one trace
+  again = nnx.tabulate(model, jnp.ones((3, 2)), compute_flops=True, console_kwargs={'width': 200})
+  assert again == first and len(runs) == 8

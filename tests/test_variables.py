@@ -714,3 +714,14 @@ def test_ellipsis_assignment_keeps_shape_and_dtype_like_nnx():
     v[...] = jnp.ones(5)         # a shape change needs `v.value = ...`
   v.value = jnp.ones(5)
   assert v.shape == (5,)
+
+
+def test_a_subclass_get_value_is_seen_by_item_and_value_reads():
+  class Shifted(nnx.Param):
+    def get_value(self, **kwargs):
+      return super().get_value(**kwargs) + 3
+
+  v = Shifted(jnp.arange(3))
+  assert v[...].tolist() == [3, 4, 5] and int(v[1]) == 4 and v.value.tolist() == [3, 4, 5]
+  assert v.get_raw_value().tolist() == [0, 1, 2]  # the stored value is untouched
+  assert nnx.Param(jnp.arange(3))[...].tolist() == [0, 1, 2]

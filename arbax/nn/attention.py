@@ -49,7 +49,7 @@ def _check_qkv(names: str, *arrays) -> None:
     raise ValueError(f'{names} must be at least 3-D ([length, heads, depth]), got rank {ranks[0]}.')
   if len({a.shape[:-3] for a in arrays}) != 1:
     shapes = ', '.join(str(a.shape) for a in arrays)
-    raise ValueError(f'{names} batch dimensions must match, got shapes {shapes}.')
+    raise ValueError(f'{names} batch dims must match, but got shapes {shapes}.')
 
 
 def _check_heads(q_heads: int, kv_heads: int) -> int:

@@ -435,22 +435,6 @@ def _selected_variables(layer, variable_filter) -> list[tuple[tuple, Variable]]:
           if isinstance(v, Variable) and predicate(path, v)]
 
 
-def _call_with(layer, substitutes: list[tuple[Variable, tp.Any]], *args, **kwargs):
-  """Call ``layer`` with some Variables temporarily holding other values, then restore them.
-
-  Restoring keeps the stored weights the unnormalised ones the optimizer
-  updates; the normalised values exist only inside this call.
-  """
-  originals = [(v, v.get_value()) for v, _ in substitutes]
-  for v, value in substitutes:
-    v.set_value(value)
-  try:
-    return layer(*args, **kwargs)
-  finally:
-    for v, value in originals:
-      v.set_value(value)
-
-
 class WeightNorm(Module):
   """Reparametrise a layer's weights as ``scale * w / ||w||`` (norms over the non-feature axes).
 
@@ -494,18 +478,24 @@ class WeightNorm(Module):
 
   def _normalized(self, path, w):
     feature_axes = self._feature_axes(w.ndim)
-    scale = self.scales[path][...] if self.scales is not None else None
-    w, scale = self.promote_dtype((w, scale), dtype=self.dtype)
     reduce = tuple(i for i in range(w.ndim) if i not in feature_axes)
-    w = w * lax.rsqrt(jnp.sum(_abs_sq(w), reduce, keepdims=True) + self.epsilon)
-    if scale is not None:
-      w = w * jnp.reshape(scale, _feature_shape(w.shape, feature_axes))
-    return w
+    # In the weight's own dtype, as NNX: the result is cast once, at the end.
+    w_bar = w * lax.rsqrt(jnp.sum(_abs_sq(w), reduce, keepdims=True) + self.epsilon)
+    if self.scales is None:
+      return jnp.asarray(w_bar, canonicalize_dtype(w, dtype=self.dtype))
+    scale = jnp.reshape(self.scales[path][...], _feature_shape(w.shape, feature_axes))
+    return jnp.asarray(w_bar * scale, canonicalize_dtype(w, scale, dtype=self.dtype))
 
   def __call__(self, x, *args, **kwargs):
-    selected = _selected_variables(self.layer_instance, self.variable_filter)
-    substitutes = [(v, self._normalized(path, v.get_value())) for path, v in selected]
-    return _call_with(self.layer_instance, substitutes, x, *args, **kwargs)
+    """Normalise the selected weights of ``layer_instance`` in place, then call it.
+
+    As in NNX the layer keeps the normalised weights afterwards; gradients with
+    respect to the weights flow through the normalisation.
+    """
+    for path, v in _selected_variables(self.layer_instance, self.variable_filter):
+      v.set_value(self._normalized(path, v.get_value()))
+    layer = tp.cast(tp.Callable, self.layer_instance)  # any callable Module
+    return layer(x, *args, **kwargs)
 
 
 def _l2_normalize(x, epsilon):
@@ -561,25 +551,27 @@ class SpectralNorm(Module):
     matrix = jnp.reshape(w, (-1, w.shape[-1]))
     u_stat = self.batch_stats[(*path, 'u')]
     u = u_stat[...]
-    (matrix, u) = _promote_dtype((matrix, u), dtype=self.dtype)
     for _ in range(self.n_steps):
       v = _l2_normalize(u @ matrix.T, self.epsilon)
       u = _l2_normalize(v @ matrix, self.epsilon)
     # The iteration only estimates directions: no gradient flows through u and v.
     u, v = lax.stop_gradient(u), lax.stop_gradient(v)
-    sigma = jnp.reshape(v @ matrix @ u.T, ())
+    sigma = (v @ matrix @ u.T)[0, 0]
+    normalized = jnp.reshape(matrix / jnp.where(sigma != 0, sigma, 1), w.shape)
     if update_stats:
       u_stat[...] = u
       self.batch_stats[(*path, 'sigma')][...] = sigma
-    return jnp.reshape(matrix / sigma, w.shape)
+    return jnp.asarray(normalized, canonicalize_dtype(matrix, u, v, sigma, dtype=self.dtype))
 
   def __call__(self, x, update_stats: bool | None = None):
+    """Divide the matrices of ``layer_instance`` by their estimated top singular value in
+    place (as NNX: the layer keeps the normalised weights), then call it."""
     update = (not self.use_running_average) if update_stats is None else update_stats
-    substitutes = []
     for path, v in _selected_variables(self.layer_instance, Param):
       if (*path, 'u') in self.batch_stats:
-        substitutes.append((v, self._normalized(path, v.get_value(), update)))
-    return _call_with(self.layer_instance, substitutes, x)
+        v[...] = self._normalized(path, v.get_value(), update)
+    layer = tp.cast(tp.Callable, self.layer_instance)  # any callable Module
+    return layer(x)
 
 
 __all__ = ['BatchNorm', 'LayerNorm', 'RMSNorm', 'GroupNorm', 'InstanceNorm', 'WeightNorm',

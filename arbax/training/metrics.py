@@ -112,8 +112,10 @@ class Average(Metric):
       >>> float(loss.compute())                       # (1 + 2 + 3) / 3
       2.0
 
-  ``update`` takes ``mask`` (broadcast against the values): it leaves out the
-  entries where it is False.
+  ``update`` takes ``mask`` (broadcast against the values): the total adds
+  ``values * mask`` and the count adds ``mask.sum()``, so a boolean mask leaves out
+  the entries where it is False and a float mask weighs them. A mask needs array
+  values: with a Python number it raises ValueError.
 
   Args:
     argname: the keyword argument of ``update`` holding the values.
@@ -131,12 +133,23 @@ class Average(Metric):
       mask: where False, the values are left out (broadcast against them).
       **kwargs: must hold ``argname``, else a TypeError; the rest is ignored.
     """
-    values = _argument(kwargs, self.argname)
-    if mask is None:
+    if self.argname not in kwargs:
+      raise TypeError(f"Expected keyword argument '{self.argname}'")
+    values = kwargs[self.argname]
+    if isinstance(values, (int, float)):  # one Python number: one value
+      if mask is not None:
+        raise ValueError(f'If mask is provided, {self.argname} should be a jax array, got the '
+                         f'Python {type(values).__name__} {values!r}: pass jnp.asarray(...) of '
+                         'the values the mask selects from.')
+      total, count = jnp.asarray(values), 1
+    elif mask is None:
+      values = jnp.asarray(values)
       total, count = values.sum(), values.size
-    else:
-      mask = jnp.broadcast_to(jnp.asarray(mask), values.shape)
-      total, count = jnp.where(mask, values, 0).sum(), mask.sum(dtype=jnp.int32)
+    else:  # values * mask: a float mask weighs the values, and counts its own sum
+      values = jnp.asarray(values)
+      mask = jnp.asarray(mask)
+      total = (values * mask.astype(values.dtype)).sum()
+      count = mask.sum().astype(jnp.int32)
     self.total[...] += total.astype(jnp.float32)
     self.count[...] += count
 
@@ -310,8 +323,16 @@ class MultiMetric(Metric):
     return [(k, v) for k, v, _ in attributes(self) if isinstance(v, Metric)]
 
   def update(self, **updates) -> None:
-    for _, metric in self._metrics():
-      metric.update(**updates)
+    """Pass ``updates`` to every metric's ``update``.
+
+    ``mask`` is either one mask for every metric or ``{metric name: mask}``; a metric
+    whose mask is None (or missing from the dict) is called without ``mask``, so metrics
+    whose ``update`` takes no mask work alongside masked ones.
+    """
+    mask = updates.pop('mask', None)
+    for name, metric in self._metrics():
+      own = mask.get(name) if isinstance(mask, dict) else mask
+      metric.update(**updates) if own is None else metric.update(**updates, mask=own)
 
   def compute(self) -> dict[str, tp.Any]:
     """``{name: metric.compute()}`` for every metric.
