@@ -20,3 +20,20 @@ def _default_settings():
   yield
   (_settings.SETTINGS.graph_mode, _settings.SETTINGS.graph_updates) = saved[:2]
   _settings.SETTINGS.var_defaults = saved[2]
+
+
+@pytest.fixture
+def compilations(caplog):
+  """A context manager collecting what JAX compiles inside it: ``with compilations() as got``."""
+  import contextlib
+
+  import jax
+
+  @contextlib.contextmanager
+  def collect():
+    got: list[str] = []
+    with jax.log_compiles(True), caplog.at_level('WARNING'):
+      start = len(caplog.records)
+      yield got
+      got.extend(r.getMessage() for r in caplog.records[start:] if 'Compiling' in r.getMessage())
+  return collect
